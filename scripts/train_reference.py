@@ -1,0 +1,138 @@
+"""Train qvit's reference FP model (DeiT-Tiny-shaped ViT) on Fashion-MNIST and save it as safetensors.
+
+    python scripts/train_reference.py                     # writes src/qvit/assets/qvit_vit_tiny_fmnist.safetensors
+    python scripts/train_reference.py --out ~/.cache/qvit/qvit_vit_tiny_fmnist.safetensors
+
+A checkpoint is written after every epoch next to ``--work-dir``; re-running the same command resumes
+from it, so an interrupted run loses at most one epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from qvit.data import FashionMNIST
+from qvit.models.reference import ARCH, REFERENCE_MODEL, WEIGHTS_NAME, qvit_vit_tiny_fmnist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero fill) and random horizontal flip. x: [B,1,28,28]."""
+    b, _, h, w = x.shape
+    background = x.amin()
+    padded = F.pad(x, (pad, pad, pad, pad), value=float(background))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None]).view(b, 1, h, 1).expand(b, 1, h, w)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(b, 1, 1, w).expand(b, 1, h, w)
+    shifted = padded[torch.arange(b)[:, None, None], 0, rows[:, 0], cols[:, 0]].unsqueeze(1)
+    flip = torch.rand(b, generator=generator) < 0.5
+    shifted[flip] = shifted[flip].flip(-1)
+    return shifted
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, x.shape[0], batch_size):
+        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
+    return 100.0 * correct / x.shape[0]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "reference")
+    p.add_argument("--out", type=Path, default=REPO / "src" / "qvit" / "assets" / WEIGHTS_NAME)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    x_train, y_train = FashionMNIST("train").tensors()
+    x_test, y_test = FashionMNIST("test").tensors()
+    model = qvit_vit_tiny_fmnist()
+    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps_per_epoch = math.ceil(x_train.shape[0] / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * args.lr * (1.0 + math.cos(math.pi * t))
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.work_dir / "last.pt"
+    start_epoch, history = 0, []
+    gen = torch.Generator().manual_seed(args.seed)
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["rng"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    t0 = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        perm = torch.randperm(x_train.shape[0], generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stdout,
+                   mininterval=30)
+        running = 0.0
+        for i in bar:
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
+            xb = augment(x_train[idx], gen)
+            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
+            bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
+        acc = evaluate(model, x_test, y_test)
+        history.append({"epoch": epoch + 1, "loss": running, "test_top1": acc})
+        print(f"epoch {epoch + 1}: train loss {running:.4f}, test top-1 {acc:.2f}%", flush=True)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history}, ckpt_path)
+
+    acc = history[-1]["test_top1"]
+    meta = {"model": REFERENCE_MODEL, "arch": ARCH, "test_top1": acc, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+            "label_smoothing": args.label_smoothing, "seed": args.seed, "history": history,
+            "torch": torch.__version__, "command": "python scripts/train_reference.py " + " ".join(argv or sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(args.out), metadata={"qvit": json.dumps(meta)})
+    print(f"saved {args.out} (test top-1 {acc:.2f}%, {time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,277 @@
+"""The ``Quantizer`` base class: calibration state machine, granularity plumbing and the code API."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .spec import GRANULARITIES, MAX_BITS, MIN_BITS
+
+MAX_OBSERVED_ELEMENTS = 1 << 21
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was asked to quantize before it was calibrated."""
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes one tensor site; subclasses implement one quantizer family.
+
+    A quantizer is *observing* (collects calibration statistics and returns its input), *quantizing*
+    (returns the fake-quantized input, with the family's gradient) or *disabled* (identity).
+    Calibration: set ``observing = True``, run data through the model, call :meth:`finalize`.
+    With ``lazy_init = True`` an uncalibrated quantizer calibrates itself on its first input instead
+    of raising :class:`NotCalibratedError`.
+
+    Parameters are per *column*: one column for ``tensor`` granularity, ``C`` for ``channel`` and
+    ``C // group_size`` for ``group`` (channels counted along ``axis``). Subclasses implement
+    :meth:`_init_from_columns`, :meth:`fake_quant`, :meth:`quantize`, :meth:`dequantize` and
+    :meth:`code_range`; they keep every calibrated quantity in buffers or parameters.
+    """
+
+    kind: ClassVar[str] = "base"
+    #: range estimators this family accepts (``init=``); None accepts every registered one.
+    supported_inits: ClassVar[Optional[Sequence[str]]] = None
+
+    def __init__(self, bits: int = 8, *, symmetric: bool = True, signed: Optional[bool] = None,
+                 granularity: str = "tensor", axis: int = -1, group_size: int = 1, init: str = "minmax",
+                 static: bool = False, **init_options: Any) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"{type(self).__name__}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "group" and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if self.supported_inits is not None and init not in self.supported_inits:
+            raise ValueError(f"{type(self).__name__} supports init in {tuple(self.supported_inits)}, got {init!r}")
+        self.init_options = self._check_init_options(init, init_options)
+        self.bits = bits
+        self.symmetric = symmetric
+        self.granularity = granularity
+        self.axis = axis
+        self.group_size = group_size
+        self.init = init
+        self.static = static          # weights: calibrate once from the first tensor seen
+        self.enabled = True
+        self.observing = False
+        self.lazy_init = False
+        self.site = ""               # set by qvit.prepare: the site's name, for messages
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
+        self._observed: list = []
+        self._observed_count = 0
+
+    def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
+        from .ranges import list_ranges, get_range
+        if not options:
+            return {}
+        if init not in list_ranges():
+            raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
+        accepted = set(inspect.signature(get_range(init)).parameters) - {"cols"}
+        unknown = set(options) - accepted
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected options {sorted(unknown)} "
+                            f"(init={init!r} accepts {sorted(accepted)})")
+        return dict(options)
+
+    def candidate_ranges(self, cols: torch.Tensor):
+        """Candidate ``(lo, hi)`` ranges ``[candidates, columns]`` from the ``init`` range estimator."""
+        from .ranges import get_range
+        return get_range(self.init)(cols, **self.init_options)
+
+    # ------------------------------------------------------------------ granularity
+    @property
+    def signed(self) -> Optional[bool]:
+        """Signedness of the integer range (None until decided by calibration)."""
+        v = int(self.signed_flag)
+        return None if v < 0 else bool(v)
+
+    def _channel_axis(self, x: torch.Tensor) -> int:
+        axis = self.axis if self.axis >= 0 else x.ndim + self.axis
+        if not 0 <= axis < x.ndim:
+            raise ValueError(f"{self._name()}: axis {self.axis} out of range for a {x.ndim}-D tensor")
+        return axis
+
+    def num_columns(self, x: torch.Tensor) -> int:
+        """How many independent parameter sets this quantizer holds for a tensor shaped like ``x``."""
+        if self.granularity == "tensor":
+            return 1
+        c = x.shape[self._channel_axis(x)]
+        if self.granularity == "channel":
+            return c
+        if c % self.group_size:
+            raise ValueError(f"{self._name()}: {c} channels do not split into groups of {self.group_size}")
+        return c // self.group_size
+
+    def to_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Reshape ``x`` to ``[samples, columns]`` (one column per parameter set)."""
+        if self.granularity == "tensor":
+            return x.reshape(-1, 1)
+        axis = self._channel_axis(x)
+        xt = x.movedim(axis, -1)
+        c = xt.shape[-1]
+        if self.granularity == "channel":
+            return xt.reshape(-1, c)
+        g = self.group_size
+        return xt.reshape(-1, c // g, g).transpose(1, 2).reshape(-1, c // g)
+
+    def expand(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-column parameter ``p`` (shape ``[columns]``) against ``x``."""
+        if self.granularity == "tensor":
+            return p.reshape(())
+        axis = self._channel_axis(x)
+        if self.granularity == "group":
+            p = p.repeat_interleave(self.group_size)
+        shape = [1] * x.ndim
+        shape[axis] = p.numel()
+        return p.reshape(shape)
+
+    # ------------------------------------------------------------------ calibration
+    def observe(self, x: torch.Tensor) -> None:
+        """Record calibration statistics of ``x`` (no gradient, bounded memory)."""
+        with torch.no_grad():
+            cols = self.to_columns(x.detach()).float()
+            if self._observed and cols.shape[1] != self._observed[0].shape[1]:
+                raise ValueError(f"{self._name()}: observed tensors changed their column count "
+                                 f"({self._observed[0].shape[1]} -> {cols.shape[1]})")
+            self._observed_count += cols.shape[0]
+            self._observed.append(cols)
+            total = sum(c.numel() for c in self._observed)
+            if total > MAX_OBSERVED_ELEMENTS:
+                merged = torch.cat(self._observed)
+                keep = max(1, MAX_OBSERVED_ELEMENTS // merged.shape[1])
+                gen = torch.Generator(device="cpu").manual_seed(self._observed_count)
+                idx = torch.randperm(merged.shape[0], generator=gen)[:keep].to(merged.device)
+                self._observed = [merged[idx]]
+
+    def finalize(self) -> None:
+        """Compute the quantization parameters from what was observed, then forget the samples."""
+        if not self._observed:
+            raise NotCalibratedError(f"{self._name()}: finalize() called but no data was observed")
+        cols = torch.cat(self._observed)
+        self._observed, self._observed_count = [], 0
+        if not torch.isfinite(cols).all():
+            raise ValueError(f"{self._name()}: calibration data contains NaN or Inf")
+        if self.signed is None:
+            self.signed_flag.fill_(int(bool((cols < 0).any())))
+        self._init_from_columns(cols)
+        self.initialized.fill_(True)
+        self.check_params()
+
+    def calibrate(self, x: torch.Tensor) -> "Quantizer":
+        """Observe ``x`` alone and finalize (convenience for weights and tests)."""
+        self.observe(x)
+        self.finalize()
+        return self
+
+    def reset(self) -> None:
+        """Forget calibration: the quantizer must be calibrated again before it quantizes."""
+        self._observed, self._observed_count = [], 0
+        self.initialized.fill_(False)
+
+    def check_params(self) -> None:
+        """Raise ``ValueError`` if a scale-like parameter is zero, negative, NaN or Inf."""
+        for name, t in self.scale_tensors().items():
+            bad = ~torch.isfinite(t) | (t <= 0)
+            if bool(bad.any()):
+                raise ValueError(f"{self._name()}: invalid {name} (zero, negative, NaN or Inf): "
+                                 f"{t.detach().flatten()[bad.flatten()][:4].tolist()}")
+
+    def scale_tensors(self) -> Dict[str, torch.Tensor]:
+        """The parameters that must be finite and positive (checked after calibration and loading)."""
+        return {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observing:
+            if not (self.static and bool(self.initialized)):
+                self.observe(x)
+                if self.static:
+                    self.finalize()
+            return x
+        if not bool(self.initialized):
+            if not self.lazy_init:
+                raise NotCalibratedError(
+                    f"{self._name()} was never calibrated: run qvit.calibrate(model, data) (or a PTQ recipe) "
+                    "before evaluating, or set lazy_init to calibrate on the first batch")
+            self.calibrate(x)
+        return self.fake_quant(x)
+
+    # ------------------------------------------------------------------ family API
+    def _init_from_columns(self, cols: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` with the family's gradient."""
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (``int32``, within :meth:`code_range`)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Real values of integer ``codes``; ``dequantize(quantize(x)) == fake_quant(x)``."""
+        raise NotImplementedError
+
+    def code_range(self) -> Tuple[int, int]:
+        """Smallest and largest code :meth:`quantize` can return."""
+        raise NotImplementedError
+
+    def export_params(self) -> Dict[str, torch.Tensor]:
+        """Tensors needed, with :meth:`config`, to dequantize codes (for packed checkpoints)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def config(self) -> Dict[str, Any]:
+        """Constructor arguments that rebuild an equivalent quantizer (see ``QuantSpec``)."""
+        return dict(kind=self.kind, bits=self.bits, symmetric=self.symmetric, signed=self.signed,
+                    granularity=self.granularity, axis=self.axis, group_size=self.group_size, init=self.init,
+                    **self.init_options)
+
+    @property
+    def n_levels(self) -> int:
+        lo, hi = self.code_range()
+        return hi - lo + 1
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Per-column parameters are sized at calibration; resize before loading so shapes match.
+        for name, t in list(self._parameters.items()) + list(self._buffers.items()):
+            key = prefix + name
+            if t is not None and key in state_dict and state_dict[key].shape != t.shape:
+                new = torch.empty_like(state_dict[key], dtype=t.dtype, device=t.device)
+                if isinstance(t, nn.Parameter):
+                    self._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+                else:
+                    self._buffers[name] = new
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if bool(self.initialized):
+            try:
+                self.check_params()
+            except ValueError as err:
+                error_msgs.append(str(err))
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.site})" if self.site else type(self).__name__
+
+    def extra_repr(self) -> str:
+        state = "calibrated" if bool(self.initialized) else "uncalibrated"
+        gran = self.granularity if self.granularity != "group" else f"group{self.group_size}"
+        return f"bits={self.bits}, {gran}, init={self.init}, {state}"
+
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a registered buffer or parameter's value, keeping a parameter the same object."""
+    with torch.no_grad():
+        current = getattr(module, name)
+        if isinstance(current, nn.Parameter):
+            current.data = value.clone()
+        else:
+            setattr(module, name, value.clone())

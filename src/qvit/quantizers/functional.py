@@ -1,0 +1,79 @@
+"""Differentiable rounding primitives shared by the quantizer families."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+Bound = Union[float, torch.Tensor]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Return ``x`` unchanged in the forward pass with its gradient multiplied by ``factor``."""
+    if factor == 1.0:
+        return x
+    return (x - x * factor).detach() + x * factor
+
+
+def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Sum ``grad`` over the dimensions that were broadcast from ``shape``."""
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    lead = grad.ndim - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
+    out = grad.sum(dim=dims, keepdim=True) if dims else grad
+    return out.reshape(shape)
+
+
+class _AffineFakeQuant(torch.autograd.Function):
+    """x̂ = clamp(round((x - offset) / scale), qmin, qmax) * scale + offset, with LSQ/LSQ+ gradients.
+
+    Gradients (v = (x - offset) / scale, inside = qmin < v < qmax, bounds excluded as in Esser et al.):
+    dx̂/dx = inside; dx̂/dscale = round(v) - v inside, the clipped level outside; dx̂/doffset = 1 - inside.
+    The scale and offset gradients are multiplied by ``scale_grad`` and ``offset_grad`` (LSQ's g).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, scale_grad, offset_grad):
+        v = (x - offset) / scale if offset is not None else x / scale
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        out = q * scale
+        if offset is not None:
+            out = out + offset
+        ctx.save_for_backward(x, scale, offset if offset is not None else torch.empty(0),
+                              qmin if torch.is_tensor(qmin) else torch.tensor(float(qmin)),
+                              qmax if torch.is_tensor(qmax) else torch.tensor(float(qmax)))
+        ctx.has_offset = offset is not None
+        ctx.scale_grad, ctx.offset_grad = scale_grad, offset_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, offset, qmin, qmax = ctx.saved_tensors
+        v = (x - offset) / scale if ctx.has_offset else x / scale
+        inside = (v > qmin) & (v < qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale_ = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            q = torch.clamp(torch.round(v), qmin, qmax)
+            local = torch.where(inside, q - v, q)
+            grad_scale_ = _sum_to(grad * local, scale.shape) * ctx.scale_grad
+        if ctx.has_offset and ctx.needs_input_grad[2]:
+            grad_offset = _sum_to(grad * (~inside), offset.shape) * ctx.offset_grad
+        return grad_x, grad_scale_, grad_offset, None, None, None, None
+
+
+def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], qmin: Bound,
+                      qmax: Bound, scale_grad: float = 1.0, offset_grad: float = 1.0) -> torch.Tensor:
+    """Uniform fake quantization ``clamp(round((x - offset)/scale), qmin, qmax) * scale + offset``.
+
+    ``scale``, ``offset``, ``qmin`` and ``qmax`` broadcast against ``x``. The input gradient is the
+    straight-through estimate inside the range and zero outside; the scale/offset gradients are LSQ's
+    (times ``scale_grad``/``offset_grad``).
+    """
+    return _AffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)

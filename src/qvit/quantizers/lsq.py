@@ -1,0 +1,136 @@
+"""LSQ and LSQ+: uniform quantizers with a learnable step size (and offset)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Union
+
+import torch
+import torch.nn as nn
+
+from ._registry import register_quantizer
+from .functional import affine_fake_quant
+from .uniform import MIN_SCALE, UniformQuantizer
+from .base import set_tensor
+
+GRAD_SCALES = ("lsq", "vvtq_weight", "vvtq_act", "none")
+
+
+@register_quantizer("lsq")
+class LSQQuantizer(UniformQuantizer):
+    """Learned Step size Quantization (Esser et al. 2020): ``x̂ = clamp(round(x / s), Qn, Qp) * s``.
+
+    ``s`` is an ``nn.Parameter``. Its gradient is LSQ's (``round(v) - v`` inside the range, the clipped
+    level outside, ``v = x / s``) times the gradient scale ``g``:
+
+    * ``lsq``: ``1 / sqrt(N * Qp)`` with ``N`` the elements per scale (Esser et al.);
+    * ``vvtq_weight``: ``1 / sqrt(sum|x| * Qp)`` (VVTQ's magnitude-aware weight scaling);
+    * ``vvtq_act``: ``1 / (sqrt(N) * Qp)`` (VVTQ's activation scaling);
+    * ``none``: 1, or a float for a fixed factor.
+
+    ``init="lsq"`` sets ``s = 2 * mean|x| / sqrt(Qp)``; ``minmax``/``percentile``/``mse`` use ranges.
+    """
+
+    def __init__(self, bits: int = 8, *, init: str = "lsq", grad_scale: Union[str, float] = "lsq",
+                 **kwargs) -> None:
+        if not isinstance(grad_scale, (int, float)) and grad_scale not in GRAD_SCALES:
+            raise ValueError(f"grad_scale must be one of {GRAD_SCALES} or a number, got {grad_scale!r}")
+        self.grad_scale = grad_scale
+        super().__init__(bits, init=init, include_zero=kwargs.pop("include_zero", True), **kwargs)
+        del self._buffers["scale"]
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def _check_init_options(self, init, options):
+        if init == "lsq":
+            if options:
+                raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
+            return {}
+        return super()._check_init_options(init, options)
+
+    def _init_from_columns(self, cols: torch.Tensor) -> None:
+        if self.init != "lsq":
+            return super()._init_from_columns(cols)
+        qmax = self.code_range()[1]
+        mean_abs = cols.abs().mean(0)
+        scale = (2 * mean_abs / math.sqrt(qmax)).clamp(min=MIN_SCALE)
+        self.set_params(scale, torch.zeros_like(scale))
+
+    def grad_factor(self, x: torch.Tensor) -> Union[float, torch.Tensor]:
+        """The factor ``g`` applied to the scale gradient for input ``x``."""
+        if isinstance(self.grad_scale, (int, float)):
+            return float(self.grad_scale)
+        if self.grad_scale == "none":
+            return 1.0
+        qmax = self.code_range()[1]
+        n = x.numel() / self.scale.numel()
+        if self.grad_scale == "lsq":
+            return 1.0 / math.sqrt(n * qmax)
+        if self.grad_scale == "vvtq_act":
+            return 1.0 / (math.sqrt(n) * qmax)
+        l1 = x.detach().abs().sum() / self.scale.numel()
+        return torch.rsqrt(l1 * qmax)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.code_range()
+        scale = self.expand(self.scale, x)
+        return affine_fake_quant(x, scale, None, qmin, qmax, scale_grad=self.grad_factor(x))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.code_range()
+        return torch.clamp(torch.round(x / self.expand(self.scale, x)), qmin, qmax).to(torch.int32)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float() * self.expand(self.scale, codes)
+
+    def config(self):
+        return {**super().config(), "grad_scale": self.grad_scale}
+
+
+@register_quantizer("lsq_plus")
+class LSQPlusQuantizer(LSQQuantizer):
+    """LSQ+ (Bhalgat et al. 2020): a learnable offset ``beta`` as well as the step size.
+
+    ``x̂ = clamp(round((x - beta) / s), Qn, Qp) * s + beta``. The offset gradient is ``1`` outside the
+    range and ``0`` inside, scaled like the step size's. Initialised from a range (default ``minmax``):
+    ``s = (hi - lo) / (Qp - Qn)`` and ``beta = lo - Qn * s``.
+    """
+
+    def __init__(self, bits: int = 8, *, init: str = "minmax", **kwargs) -> None:
+        super().__init__(bits, init=init, **kwargs)
+        self.offset = nn.Parameter(torch.zeros(1))
+
+    def _init_from_columns(self, cols: torch.Tensor) -> None:
+        qmin, qmax = self.code_range()
+        if self.init == "lsq":
+            super()._init_from_columns(cols)
+            set_tensor(self, "offset", torch.zeros_like(self.scale))
+            return
+        from .ranges import select_by_error
+        lo, hi = select_by_error(cols, *self.candidate_ranges(cols), self._error_offset)
+        scale, offset = self._range_to_scale_offset(lo, hi)
+        self.set_params(scale, torch.zeros_like(scale))
+        set_tensor(self, "offset", offset.to(self.scale.device))
+
+    def _range_to_scale_offset(self, lo: torch.Tensor, hi: torch.Tensor):
+        qmin, qmax = self.code_range()
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=MIN_SCALE)
+        return scale, lo - qmin * scale
+
+    def _error_offset(self, cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.code_range()
+        scale, offset = self._range_to_scale_offset(lo, hi)
+        q = torch.clamp(torch.round((cols - offset) / scale), qmin, qmax)
+        return (q * scale + offset - cols).pow(2).mean(0)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.code_range()
+        g = self.grad_factor(x)
+        return affine_fake_quant(x, self.expand(self.scale, x), self.expand(self.offset, x), qmin, qmax,
+                                 scale_grad=g, offset_grad=g)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = self.code_range()
+        v = (x - self.expand(self.offset, x)) / self.expand(self.scale, x)
+        return torch.clamp(torch.round(v), qmin, qmax).to(torch.int32)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float() * self.expand(self.scale, codes) + self.expand(self.offset, codes)

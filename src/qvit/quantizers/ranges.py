@@ -1,0 +1,78 @@
+"""Range estimators: calibration data -> candidate clipping ranges, one per column.
+
+Each estimator maps ``cols`` ``[samples, columns]`` to candidate ranges ``(lo, hi)``, both
+``[candidates, columns]``. With several candidates the quantizer keeps, per column, the one whose
+fake quantization of ``cols`` has the lowest mean squared error.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple, Union
+
+import torch
+
+Ranges = Tuple[torch.Tensor, torch.Tensor]
+RangeEstimator = Callable[..., Ranges]
+_RANGES: Dict[str, RangeEstimator] = {}
+
+
+def register_range(name: str) -> Callable[[RangeEstimator], RangeEstimator]:
+    def wrap(fn: RangeEstimator) -> RangeEstimator:
+        _RANGES[name] = fn
+        return fn
+    return wrap
+
+
+def list_ranges() -> List[str]:
+    return sorted(_RANGES)
+
+
+def get_range(name: str) -> RangeEstimator:
+    try:
+        return _RANGES[name]
+    except KeyError:
+        raise KeyError(f"unknown range estimator (init) {name!r}; known: {', '.join(list_ranges())}") from None
+
+
+@register_range("minmax")
+def minmax_range(cols: torch.Tensor) -> Ranges:
+    """The observed minimum and maximum of each column (one candidate)."""
+    return cols.amin(0, keepdim=True), cols.amax(0, keepdim=True)
+
+
+def _quantile(cols: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-column quantiles ``[len(q), columns]`` (linear interpolation, like ``torch.quantile``)."""
+    s, _ = torch.sort(cols, dim=0)
+    pos = q.to(cols) * (s.shape[0] - 1)
+    lo_i = pos.floor().long().clamp(0, s.shape[0] - 1)
+    hi_i = (lo_i + 1).clamp(max=s.shape[0] - 1)
+    frac = (pos - lo_i.to(pos)).unsqueeze(1)
+    return s[lo_i] * (1 - frac) + s[hi_i] * frac
+
+
+@register_range("percentile")
+def percentile_range(cols: torch.Tensor, percentile: Union[float, Sequence[float]] = (99.9, 99.99, 99.999)) -> Ranges:
+    """Clip at the ``p``-th and ``(100 - p)``-th percentiles; several ``p`` are searched by MSE (RepQ-ViT)."""
+    ps = torch.tensor([percentile] if isinstance(percentile, (int, float)) else list(percentile), dtype=torch.float64)
+    if ((ps <= 50) | (ps > 100)).any():
+        raise ValueError(f"percentile must be in (50, 100], got {ps.tolist()}")
+    hi = _quantile(cols, ps / 100)
+    lo = _quantile(cols, 1 - ps / 100)
+    return lo, hi
+
+
+@register_range("mse")
+def mse_range(cols: torch.Tensor, num_candidates: int = 100, min_ratio: float = 0.05) -> Ranges:
+    """Shrink the min-max range by ``num_candidates`` ratios in ``[min_ratio, 1]``, searched by MSE."""
+    lo, hi = minmax_range(cols)
+    ratios = torch.linspace(min_ratio, 1.0, num_candidates, device=cols.device, dtype=cols.dtype).unsqueeze(1)
+    return lo * ratios, hi * ratios
+
+
+def select_by_error(cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    error: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Ranges:
+    """Per column, the candidate range with the lowest ``error(cols, lo_k, hi_k)`` (a ``[columns]`` tensor)."""
+    if lo.shape[0] == 1:
+        return lo[0], hi[0]
+    errs = torch.stack([error(cols, lo[k], hi[k]) for k in range(lo.shape[0])])
+    best = errs.argmin(0, keepdim=True)
+    return lo.gather(0, best)[0], hi.gather(0, best)[0]

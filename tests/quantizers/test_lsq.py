@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from qvit.quantizers import create_quantizer
+
+
+def test_lsq_init_and_forward_grid():
+    x = torch.tensor([-1.0, -0.4, 0.0, 0.26, 0.5, 1.2])
+    q = create_quantizer({"kind": "lsq", "bits": 3}).calibrate(x)
+    # s0 = 2 * mean|x| / sqrt(Qp) = 2 * (3.36 / 6) / sqrt(3)
+    s = 2 * (3.36 / 6) / math.sqrt(3)
+    assert q.scale.item() == pytest.approx(s)
+    expected = torch.clamp(torch.round(x / s), -4, 3) * s
+    torch.testing.assert_close(q(x), expected)
+
+
+def test_lsq_scale_gradient_matches_formula():
+    q = create_quantizer({"kind": "lsq", "bits": 3})
+    q.calibrate(torch.tensor([-1.0, 1.0]))  # signed data: codes [-4, 3]
+    with torch.no_grad():
+        q.scale.fill_(0.4)
+    x = torch.tensor([-1.0, -0.4, 0.0, 0.26, 0.5, 1.2, 2.0], requires_grad=True)
+    q(x).sum().backward()
+    v = [-2.5, -1.0, 0.0, 0.65, 1.25, 3.0, 5.0]
+    # inside (Qn < v < Qp): round(v) - v (half to even); on or beyond a bound: the bound (Esser et al.)
+    local = [-2 + 2.5, 0.0, 0.0, 1 - 0.65, 1 - 1.25, 3.0, 3.0]
+    g = 1 / math.sqrt(len(v) * 3)
+    assert q.scale.grad.item() == pytest.approx(sum(local) * g, rel=1e-5)
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert v[5] == 3.0  # exactly on the bound: zero input gradient
+
+
+def test_lsq_vvtq_grad_scales():
+    x = torch.tensor([0.5, -1.5, 2.0, 0.1])
+    for mode, g in [("vvtq_weight", 1 / math.sqrt(4.1 * 3)), ("vvtq_act", 1 / (math.sqrt(4) * 3)), ("none", 1.0)]:
+        q = create_quantizer({"kind": "lsq", "bits": 3, "grad_scale": mode}).calibrate(x)
+        assert float(q.grad_factor(x)) == pytest.approx(g, rel=1e-5)
+
+
+def test_lsq_plus_offset_gradient_and_init():
+    x = torch.tensor([-0.2, 0.0, 0.4, 1.0])
+    q = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False}).calibrate(x)
+    assert q.code_range() == (0, 3)
+    assert q.scale.item() == pytest.approx(0.4) and q.offset.item() == pytest.approx(-0.2)
+    # (x - beta) / s = [0, 0.5, 1.5, 3] -> round half to even [0, 0, 2, 3]
+    torch.testing.assert_close(q(x), torch.tensor([-0.2, -0.2, 0.6, 1.0]))
+    xs = torch.tensor([-1.0, 0.3, 2.0], requires_grad=True)
+    q(xs).sum().backward()
+    g = 1 / math.sqrt(3 * 3)
+    assert q.offset.grad.item() == pytest.approx(2 * g)  # 1 for each clipped input
+    assert xs.grad.tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(q.dequantize(q.quantize(x)), q(x))
+
+
+def test_lsq_scale_is_trainable_parameter_in_state_dict():
+    q = create_quantizer({"kind": "lsq", "bits": 4, "granularity": "channel", "axis": 0})
+    q.calibrate(torch.randn(3, 8))
+    assert isinstance(q.scale, torch.nn.Parameter) and q.scale.shape == (3,)
+    fresh = create_quantizer(q.config())
+    fresh.load_state_dict(q.state_dict())
+    torch.testing.assert_close(fresh.scale, q.scale)

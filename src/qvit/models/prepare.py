@@ -1,0 +1,111 @@
+"""``prepare``: swap every quantizable module of a timm model for its quantized class."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch.nn as nn
+
+from ..config import QuantConfig
+from ..nn import QuantModule, quant_class_for
+from ..quantizers import Quantizer
+from .roles import role_prefix, stem_and_head
+
+ConfigLike = Union[QuantConfig, Mapping[str, Any], str, None]
+
+
+def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True) -> nn.Module:
+    """Quantize ``model``'s sites per ``config`` (a QuantConfig, mapping, YAML path, or None for W8A8).
+
+    Every module whose class has a registered quantized class (``nn.Linear``, ``nn.Conv2d``, timm's
+    ``Attention`` and Swin's ``WindowAttention``) has its class swapped in place; parameters are shared,
+    so the float ``state_dict`` keys are unchanged and quantizer state is added under
+    ``<module>.<slot>_quantizer.*``. Quantizers start uncalibrated: run :func:`qvit.calibrate` next.
+    """
+    config = QuantConfig.coerce(config)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if any(isinstance(m, QuantModule) for m in model.modules()):
+        raise ValueError("model is already prepared; call qvit.unprepare(model) first to re-prepare it")
+    stem, heads = stem_and_head(model)
+    for name, module in list(model.named_modules()):
+        qcls = quant_class_for(module)
+        if qcls is None:
+            continue
+        prefix = role_prefix(name, module, stem, heads)
+        specs, roles = {}, {}
+        for slot, is_weight in qcls.quant_slots:
+            roles[slot] = f"{prefix}.{slot}"
+            specs[slot] = config.spec_for(f"{name}.{slot}" if name else slot, roles[slot], is_weight)
+        qcls.convert(module, specs, name=name, roles=roles)
+    model.qvit_config = config
+    return model
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Turn every quantized module back into its float class, dropping the quantizers."""
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.restore_float()
+    if hasattr(model, "qvit_config"):
+        del model.qvit_config
+    return model
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, str, Quantizer]]:
+    """``(site, role, quantizer)`` for every enabled site of a prepared model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            for slot, q in module.quantizers():
+                yield (f"{name}.{slot}" if name else slot), module.quant_roles.get(slot, slot), q
+
+
+@dataclass
+class SiteInfo:
+    """One row of :func:`describe`."""
+
+    site: str
+    role: str
+    kind: str
+    bits: Optional[int]
+    granularity: str
+    calibrated: bool
+
+    def as_row(self) -> List[str]:
+        return [self.site, self.role, self.kind, "fp" if self.bits is None else str(self.bits), self.granularity,
+                "yes" if self.calibrated else "no"]
+
+
+def describe(model: nn.Module, include_float: bool = True) -> List[SiteInfo]:
+    """Every site of a prepared model with its role, quantizer kind, bits, granularity and state.
+
+    With ``include_float`` the sites a config left in floating point are listed too (kind ``float``).
+    """
+    rows: List[SiteInfo] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantModule):
+            continue
+        for slot, _ in module.quant_slots:
+            q = getattr(module, f"{slot}_quantizer", None)
+            site = f"{name}.{slot}" if name else slot
+            role = module.quant_roles.get(slot, slot)
+            if q is None:
+                if include_float:
+                    rows.append(SiteInfo(site, role, "float", None, "-", True))
+                continue
+            gran = q.granularity if q.granularity != "group" else f"group{q.group_size}"
+            if q.granularity != "tensor":
+                gran += f"@{q.axis}"
+            rows.append(SiteInfo(site, role, q.kind, q.bits, gran, bool(q.initialized)))
+    return rows
+
+
+def format_sites(rows: List[SiteInfo]) -> str:
+    """Render :func:`describe`'s rows as an aligned text table."""
+    header = ["site", "role", "kind", "bits", "granularity", "calibrated"]
+    table = [header] + [r.as_row() for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

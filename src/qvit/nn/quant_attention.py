@@ -1,0 +1,37 @@
+"""QuantAttention: timm's ``Attention`` with explicit, quantizable q·kᵀ, softmax and probs·v."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+
+from ._attention_sites import QuantAttentionCore
+from ._registry import register_quant_module
+
+
+@register_quant_module(Attention)
+class QuantAttention(QuantAttentionCore, Attention):
+    """timm ``Attention`` (ViT, DeiT) computed without the fused kernel so every operand is a site.
+
+    ``qkv`` and ``proj`` are ordinary linear layers and are quantized as ``QuantLinear`` on their own.
+    """
+
+    def _init_quant(self) -> None:
+        self.scale_after_matmul = True
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        logits = self.attention_logits(q, k, self.scale)
+        logits = maybe_add_mask(logits, resolve_self_attn_mask(N, logits, attn_mask, is_causal))
+        x = self.attend(logits, v, self.attn_drop)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.norm(x) if hasattr(self, "norm") else x
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,23 @@
+"""QuantLinear: ``nn.Linear`` with quantized input and weight."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Linear as TimmLinear
+
+from ._registry import register_quant_module
+from .base import QuantModule
+
+
+@register_quant_module(TimmLinear)
+@register_quant_module(nn.Linear, subclasses=True)
+class QuantLinear(QuantModule, nn.Linear):
+    """``y = x̂ Ŵᵀ + b`` with ``x̂ = input_quantizer(x)`` and ``Ŵ = weight_quantizer(W)``; bias in float."""
+
+    quant_slots = (("input", False), ("weight", True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._quant("input", x)
+        w = self._quant("weight", self.weight)
+        return F.linear(x, w, self.bias)

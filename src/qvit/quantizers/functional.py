@@ -76,4 +76,10 @@ def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[tor
     straight-through estimate inside the range and zero outside; the scale/offset gradients are LSQ's
     (times ``scale_grad``/``offset_grad``).
     """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or
+                                              (offset is not None and offset.requires_grad))
+    if not needs_grad:
+        v = x - offset if offset is not None else x
+        out = torch.div(v, scale).round_().clamp_(qmin, qmax).mul_(scale)
+        return out.add_(offset) if offset is not None else out
     return _AffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)

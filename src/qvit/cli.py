@@ -1,0 +1,245 @@
+"""The ``qvit`` command line: ``qvit demo``, ``qvit eval``, ``qvit ptq``, ``qvit recipes``, ``qvit describe``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import TensorDataset
+
+from .data import DatasetMissingError, build_dataset, calibration_batch, create_eval_transform, create_loader, subset
+from .evaluate import evaluate
+from .models import REFERENCE_MODEL, build_model, describe, format_sites, prepare
+from .models.factory import WeightsUnavailableError
+from .quantizers import NotCalibratedError
+from .ptq import quantize_ptq
+from .recipes import list_recipes, load_recipe
+
+DEMO_BITS = (8, 4, 3)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=REFERENCE_MODEL,
+                   help=f"timm model name (default: {REFERENCE_MODEL}, the shipped Fashion-MNIST ViT)")
+    g.add_argument("--checkpoint", type=Path, help="local weights file for --model (offline)")
+    g.add_argument("--pretrained", action="store_true", help="use timm's published weights (needs network)")
+    g.add_argument("--num-classes", type=int, help="classifier size (default: the data set's class count)")
+    g.add_argument("--data", type=Path,
+                   help="ImageNet-style folder (train/ and val/ of class sub-folders); default: Fashion-MNIST")
+    g.add_argument("--eval-images", type=int, help="evaluate on a seeded random subset of this many images")
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration / evaluation subsets")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
+    g = p.add_argument_group("quantization")
+    if multi:
+        g.add_argument("--recipes", nargs="+", help="PTQ recipes to run (default: all)")
+        g.add_argument("--bits", nargs="+", type=int, default=list(DEMO_BITS),
+                       help="bit-widths; each runs as WbAb (default: 8 4 3)")
+    else:
+        g.add_argument("--recipe", default="minmax", help="PTQ recipe name or YAML path (see `qvit recipes`)")
+        g.add_argument("--w-bits", type=int, default=8)
+        g.add_argument("--a-bits", type=int, default=8)
+    g.add_argument("--calib-images", type=int, help="calibration images (default: the recipe's, usually 32)")
+    g.add_argument("--config", type=Path, help="YAML QuantConfig patch applied on top of the recipe")
+
+
+class _Session:
+    """The model, data sets and options one command works with."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.progress = not args.no_progress
+        num_classes = args.num_classes
+        if num_classes is None and args.data is None and args.model != REFERENCE_MODEL and not args.checkpoint:
+            num_classes = 10
+        self.model = build_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                                 num_classes=num_classes)
+        self.transform = create_eval_transform(self.model)
+
+    def eval_set(self, materialize: bool = False):
+        ds = subset(build_dataset(self.args.data, "val", self.transform), self.args.eval_images, self.args.seed)
+        if materialize:
+            loader = create_loader(ds, batch_size=256, workers=self.args.workers)
+            xs, ys = zip(*loader)
+            ds = TensorDataset(torch.cat(xs), torch.cat(ys))
+        return ds
+
+    def calib_images(self, num: int) -> torch.Tensor:
+        return calibration_batch(build_dataset(self.args.data, "train", self.transform), num, self.args.seed)[0]
+
+    def loader(self, ds):
+        return create_loader(ds, batch_size=self.args.batch_size, workers=self.args.workers)
+
+
+def _overrides(args: argparse.Namespace) -> Optional[dict]:
+    if getattr(args, "config", None) is None:
+        return None
+    import yaml
+    with open(args.config) as f:
+        return yaml.safe_load(f) or {}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    s = _Session(args)
+    res = evaluate(s.model, s.loader(s.eval_set()), progress=s.progress, desc=f"eval {args.model}")
+    print(f"{args.model} FP32: {res}")
+    return 0
+
+
+def cmd_ptq(args: argparse.Namespace) -> int:
+    s = _Session(args)
+    recipe = load_recipe(args.recipe)
+    num = args.calib_images or recipe.calibration.get("num_images", 32)
+    calib = s.calib_images(num)
+    loader = s.loader(s.eval_set())
+    fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
+    t0 = time.time()
+    qmodel = quantize_ptq(s.model, recipe, calib, w_bits=args.w_bits, a_bits=args.a_bits,
+                          overrides=_overrides(args), progress=s.progress)
+    seconds = time.time() - t0
+    q = evaluate(qmodel, loader, progress=s.progress, desc=f"eval W{args.w_bits}A{args.a_bits}")
+    if args.describe:
+        print(format_sites(describe(qmodel)))
+    print(f"{args.model} FP32:                {fp}")
+    print(f"{args.model} {recipe.name} W{args.w_bits}A{args.a_bits}: {q}  "
+          f"(quantized in {seconds:.1f}s on {num} calibration images)")
+    if args.output:
+        _write_json(args.output, dict(model=args.model, recipe=recipe.name, recipe_version=recipe.version,
+                                      w_bits=args.w_bits, a_bits=args.a_bits, fp_top1=fp.top1, top1=q.top1,
+                                      top5=q.top5, eval_images=q.n, calib_images=num, seconds=seconds))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    t_start = time.time()
+    s = _Session(args)
+    recipes = args.recipes or list_recipes("ptq")
+    eval_ds = s.eval_set(materialize=True)
+    loader = s.loader(eval_ds)
+    fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
+    results: Dict[str, Dict[int, float]] = {}
+    runs = [(r, b) for r in recipes for b in args.bits]
+    calib_cache: Dict[int, torch.Tensor] = {}
+    from tqdm import tqdm
+    bar = tqdm(runs, desc="demo", disable=not s.progress, file=sys.stderr)
+    for name, bits in bar:
+        bar.set_postfix_str(f"{name} W{bits}A{bits}")
+        recipe = load_recipe(name)
+        num = args.calib_images or recipe.calibration.get("num_images", 32)
+        if num not in calib_cache:
+            calib_cache[num] = s.calib_images(num)
+        qmodel = quantize_ptq(s.model, recipe, calib_cache[num], w_bits=bits, a_bits=bits,
+                              overrides=_overrides(args), progress=False)
+        res = evaluate(qmodel, loader, progress=False)
+        results.setdefault(name, {})[bits] = res.top1
+    bar.close()
+    elapsed = time.time() - t_start
+    print(_demo_table(args.model, fp.top1, results, args.bits, fp.n))
+    print(f"\n{len(runs)} quantized models evaluated in {elapsed:.0f}s")
+    if args.output:
+        _write_json(args.output, dict(model=args.model, fp_top1=fp.top1, eval_images=fp.n, bits=list(args.bits),
+                                      top1=results, seconds=elapsed))
+    return 0
+
+
+def _demo_table(model: str, fp: float, results: Dict[str, Dict[int, float]], bits: Sequence[int], n: int) -> str:
+    cols = [f"W{b}A{b}" for b in bits]
+    header = f"| method | " + " | ".join(cols) + " |"
+    lines = [f"{model}: top-1 (%) on {n} test images, FP32 {fp:.2f}", "", header,
+             "|" + "---|" * (len(cols) + 1), f"| FP32 | " + " | ".join(f"{fp:.2f}" for _ in cols) + " |"]
+    for name, by_bits in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_bits[b]:.2f}" for b in bits) + " |")
+    return "\n".join(lines)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    for name in list_recipes():
+        r = load_recipe(name)
+        print(f"{name:14s} {r.kind}  v{r.version}  {r.description}")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from .ptq import recipe_config
+    model = build_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                        num_classes=args.num_classes)
+    config = recipe_config(load_recipe(args.recipe), args.w_bits, args.a_bits, _overrides(args))
+    prepare(model, config)
+    print(format_sites(describe(model)))
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvit", description="Low-bit quantization of vision transformers on timm models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="quantize the reference model with every PTQ recipe and print a table")
+    _add_model_args(demo)
+    _add_quant_args(demo, multi=True)
+    demo.add_argument("--output", type=Path, help="also write the results as JSON")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="evaluate a float model")
+    _add_model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    ptq = sub.add_parser("ptq", help="post-training quantization with a recipe, then evaluation")
+    _add_model_args(ptq)
+    _add_quant_args(ptq)
+    ptq.add_argument("--describe", action="store_true", help="print every quantized site")
+    ptq.add_argument("--output", type=Path, help="also write the result as JSON")
+    ptq.set_defaults(func=cmd_ptq)
+
+    rec = sub.add_parser("recipes", help="list the shipped recipes")
+    rec.set_defaults(func=cmd_recipes)
+
+    desc = sub.add_parser("describe", help="list every quantization site a recipe gives a model")
+    desc.add_argument("--model", default=REFERENCE_MODEL)
+    desc.add_argument("--checkpoint", type=Path)
+    desc.add_argument("--pretrained", action="store_true")
+    desc.add_argument("--num-classes", type=int)
+    desc.add_argument("--recipe", default="minmax")
+    desc.add_argument("--w-bits", type=int, default=8)
+    desc.add_argument("--a-bits", type=int, default=8)
+    desc.add_argument("--config", type=Path)
+    desc.set_defaults(func=cmd_describe)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (DatasetMissingError, FileNotFoundError, KeyError, ValueError, WeightsUnavailableError,
+            NotCalibratedError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"qvit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qvit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Run a PTQ recipe on a float model."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import QuantConfig
+from ..models.prepare import prepare
+from ..recipes import Recipe, load_recipe
+from .steps import PTQContext, get_step
+
+
+def recipe_config(recipe: Recipe, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
+                  overrides: Optional[Mapping[str, Any]] = None) -> QuantConfig:
+    """The recipe's QuantConfig with the requested bit-widths and any user patch applied."""
+    config = QuantConfig.from_dict(recipe.config)
+    patch: Dict[str, Any] = dict(overrides or {})
+    if w_bits is not None:
+        patch["w_bits"] = w_bits
+    if a_bits is not None:
+        patch["a_bits"] = a_bits
+    return config.merged(patch) if patch else config
+
+
+def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch.Tensor, *,
+                 w_bits: Optional[int] = None, a_bits: Optional[int] = None,
+                 overrides: Optional[Mapping[str, Any]] = None, inplace: bool = False, progress: bool = True,
+                 batch_size: int = 32) -> nn.Module:
+    """Prepare a copy of ``model`` with the recipe's config and run its steps on ``calib_data``.
+
+    ``calib_data``: calibration images ``[N, C, H, W]`` (the recipe's ``calibration.num_images`` is the
+    default count callers should draw). The float ``model`` is kept as the teacher for steps that need one.
+    Returns the quantized model; the step log is in ``model.qvit_log``.
+    """
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if recipe.kind != "ptq":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a PTQ one")
+    config = recipe_config(recipe, w_bits, a_bits, overrides)
+    fp_model = model if not inplace else copy.deepcopy(model)
+    qmodel = prepare(model if inplace else copy.deepcopy(model), config)
+    fp_model.eval()
+    ctx = PTQContext(model=qmodel, calib_data=calib_data, fp_model=fp_model, progress=progress,
+                     batch_size=batch_size)
+    for name, params in recipe.steps:
+        t0 = time.time()
+        get_step(name)(ctx, **params)
+        ctx.log.append({"step": name, "params": params, "seconds": time.time() - t0})
+    qmodel.qvit_recipe = recipe
+    qmodel.qvit_log = ctx.log
+    return qmodel

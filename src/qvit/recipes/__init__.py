@@ -1,0 +1,82 @@
+"""Recipes: versioned YAML files that name a method's quantizers, calibration and pipeline steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent
+KINDS = ("ptq", "qat")
+
+
+@dataclass
+class Recipe:
+    """A published method as data.
+
+    Attributes:
+        name: the recipe's name (``minmax``, ``repq`` ...).
+        version: bumped whenever a default changes, so results name the recipe they came from.
+        kind: ``ptq`` or ``qat``.
+        description: one line for ``qvit recipes``.
+        config: a ``QuantConfig`` patch (``w_bits``/``a_bits`` usually come from the user).
+        calibration: ``num_images`` and ``seed`` of the calibration set.
+        steps: ordered ``(step name, parameters)`` pairs run by the pipeline.
+    """
+
+    name: str
+    version: int = 1
+    kind: str = "ptq"
+    description: str = ""
+    config: Dict[str, Any] = field(default_factory=dict)
+    calibration: Dict[str, Any] = field(default_factory=dict)
+    steps: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
+        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps"}
+        if unknown:
+            raise ValueError(f"recipe {data.get('name', '?')!r}: unknown keys {sorted(unknown)}")
+        if "name" not in data:
+            raise ValueError("a recipe needs a name")
+        kind = data.get("kind", "ptq")
+        if kind not in KINDS:
+            raise ValueError(f"recipe {data['name']!r}: kind must be one of {KINDS}, got {kind!r}")
+        steps = []
+        for entry in data.get("steps") or []:
+            if isinstance(entry, str):
+                steps.append((entry, {}))
+            elif isinstance(entry, Mapping) and len(entry) == 1:
+                (name, params), = entry.items()
+                steps.append((name, dict(params or {})))
+            else:
+                raise ValueError(f"recipe {data['name']!r}: a step is a name or a one-key mapping, got {entry!r}")
+        return cls(name=data["name"], version=int(data.get("version", 1)), kind=kind,
+                   description=data.get("description", ""), config=dict(data.get("config") or {}),
+                   calibration=dict(data.get("calibration") or {}), steps=steps)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(name=self.name, version=self.version, kind=self.kind, description=self.description,
+                    config=self.config, calibration=self.calibration,
+                    steps=[{name: params} for name, params in self.steps])
+
+
+def list_recipes(kind: Union[str, None] = None) -> List[str]:
+    """Names of the recipes shipped with qvit (optionally of one ``kind``)."""
+    names = []
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        if kind is None or load_recipe(path).kind == kind:
+            names.append(path.stem)
+    return names
+
+
+def load_recipe(name_or_path: Union[str, Path]) -> Recipe:
+    """Load a shipped recipe by name, or any recipe YAML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise KeyError(f"unknown recipe {name_or_path!r}; available: {', '.join(list_recipes())}")
+    with open(path) as f:
+        return Recipe.from_dict(yaml.safe_load(f) or {})

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import timm
+import torch
+
+from qvit.cli import main
+from tests.helpers import make_fashion_mnist, make_image_folder
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "imgs", per_class=4, size=32)
+
+
+def test_ptq_end_to_end_on_an_image_folder(folder, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = main(["ptq", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--w-bits", "4",
+               "--a-bits", "4", "--calib-images", "4", "--no-progress", "--describe", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "minmax W4A4" in text and "blocks.0.attn.probs" in text
+    res = json.loads(out.read_text())
+    assert res["w_bits"] == 4 and res["eval_images"] == 8 and 0 <= res["top1"] <= 100
+
+
+def test_eval_with_local_checkpoint(folder, tmp_path, capsys):
+    model = timm.create_model("test_vit", num_classes=2)
+    ckpt = tmp_path / "w.pth"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    assert main(["eval", "--model", "test_vit", "--checkpoint", str(ckpt), "--data", str(folder),
+                 "--num-classes", "2", "--no-progress"]) == 0
+    assert "FP32: top-1" in capsys.readouterr().out
+    assert main(["eval", "--model", "test_vit", "--checkpoint", str(tmp_path / "missing.pth"),
+                 "--data", str(folder), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_prints_a_table(folder, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--bits", "8", "4",
+               "--recipes", "minmax", "percentile", "--calib-images", "4", "--no-progress", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| minmax |" in text and "| percentile |" in text and "W4A4" in text
+    assert set(json.loads(out.read_text())["top1"]) == {"minmax", "percentile"}
+
+
+def test_default_data_is_fashion_mnist(tmp_path, monkeypatch, capsys):
+    root = make_fashion_mnist(tmp_path / "fm")
+    monkeypatch.setenv("QVIT_FASHION_MNIST", str(root))
+    assert main(["ptq", "--w-bits", "4", "--a-bits", "4", "--calib-images", "8", "--no-progress"]) == 0
+    assert "(20 images)" in capsys.readouterr().out
+    monkeypatch.setenv("QVIT_FASHION_MNIST", str(tmp_path / "empty"))
+    assert main(["eval", "--no-progress"]) == 2
+    assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_bad_arguments_give_clear_errors(folder, capsys):
+    assert main(["ptq", "--model", "test_vit", "--data", str(folder), "--w-bits", "9", "--no-progress"]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert main(["ptq", "--model", "no_such_model", "--no-progress"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["ptq", "--model", "test_vit", "--data", str(folder), "--recipe", "nope", "--no-progress"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+
+
+def test_pretrained_offline_error_points_to_checkpoint(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        if kwargs.get("pretrained"):
+            raise OSError("no network")
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    assert main(["eval", "--model", "test_vit", "--pretrained", "--no-progress"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_recipes_and_describe_commands(capsys):
+    assert main(["recipes"]) == 0
+    assert "minmax" in capsys.readouterr().out
+    assert main(["describe", "--model", "test_vit", "--w-bits", "4", "--a-bits", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.0.mlp.fc2.input" in text and "stem.weight" in text

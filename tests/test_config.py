@@ -35,3 +35,11 @@ def test_bad_config_raises():
     cfg = QuantConfig.from_dict({"roles": {"qkv.weight": {"granularity": "rows"}}})
     with pytest.raises(ValueError, match="qkv.weight"):
         cfg.spec_for("blocks.0.attn.qkv.weight", "qkv.weight", True)
+
+
+def test_null_bits_in_a_role_means_the_global_bit_width():
+    cfg = QuantConfig.from_dict(dict(w_bits=3, a_bits=4, roles={"head.weight": {"bits": None},
+                                                                "head.input": {"bits": None}}))
+    assert cfg.spec_for("head.weight", "head.weight", True).bits == 3
+    assert cfg.spec_for("head.input", "head.input", False).bits == 4
+    assert cfg.spec_for("patch_embed.proj.weight", "stem.weight", True).bits == 8

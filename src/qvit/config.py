@@ -40,10 +40,12 @@ class QuantConfig:
 
     A site's spec is built in this order, each step patching the previous one:
 
-    1. ``weight`` or ``activation`` defaults, with ``bits = w_bits`` or ``a_bits``;
+    1. ``weight`` or ``activation`` defaults;
     2. ``roles[role]`` for the site's role (``qkv.weight``, ``attn.probs``, ``fc2.input``, ``stem.input`` ...);
     3. every entry of ``overrides`` whose glob matches the site's full name (``blocks.0.attn.qkv.weight``),
        in order. ``{"enabled": False}`` leaves a site in floating point.
+
+    A site whose patches set no ``bits`` (or ``bits: null``) gets ``w_bits`` (weights) or ``a_bits``.
 
     Roles not listed keep the defaults; a role patch replaces the built-in role patch of that name.
     """
@@ -61,13 +63,13 @@ class QuantConfig:
 
     def spec_for(self, site: str, role: str, is_weight: bool) -> QuantSpec:
         """The spec for the site named ``site`` with role ``role``."""
-        base = dict(self.weight if is_weight else self.activation)
-        base.setdefault("bits", self.w_bits if is_weight else self.a_bits)
-        patch = dict(base)
+        patch = dict(self.weight if is_weight else self.activation)
         patch.update(self.roles.get(role, {}))
         for pattern, override in self.overrides.items():
             if fnmatch.fnmatchcase(site, pattern):
                 patch.update(override)
+        if patch.get("bits") is None:
+            patch["bits"] = self.w_bits if is_weight else self.a_bits
         try:
             return QuantSpec.from_dict(patch)
         except (ValueError, TypeError) as err:

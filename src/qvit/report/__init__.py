@@ -1,0 +1,1 @@
+from .environment import environment_info, environment_markdown

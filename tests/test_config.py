@@ -20,7 +20,7 @@ def test_spec_resolution_order():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = QuantConfig.from_dict(dict(w_bits=2, a_bits=4, overrides={"head": {"bits": 8}}))
+    cfg = QuantConfig.from_dict(dict(w_bits=2, a_bits=4, overrides={"head.*": {"bits": 8}}))
     path = tmp_path / "c.yaml"
     cfg.to_yaml(path)
     again = QuantConfig.from_yaml(path)
@@ -43,3 +43,15 @@ def test_null_bits_in_a_role_means_the_global_bit_width():
     assert cfg.spec_for("head.weight", "head.weight", True).bits == 3
     assert cfg.spec_for("head.input", "head.input", False).bits == 4
     assert cfg.spec_for("patch_embed.proj.weight", "stem.weight", True).bits == 8
+
+
+def test_switching_kind_drops_the_old_family_settings():
+    cfg = QuantConfig.from_dict(dict(
+        w_bits=4, a_bits=4, activation={"init": "percentile", "percentile": [99.9]},
+        roles={"fc1.input": {"kind": "lsq"}, "fc2.input": {"kind": "twin_uniform", "mode": "gelu"},
+               "qkv.weight": {"kind": "statsq"}}))
+    lsq = cfg.spec_for("blocks.0.mlp.fc1.input", "fc1.input", False)
+    assert (lsq.kind, lsq.init, lsq.symmetric, lsq.bits, lsq.options) == ("lsq", None, True, 4, {})
+    twin = cfg.spec_for("blocks.0.mlp.fc2.input", "fc2.input", False)
+    assert twin.init is None and twin.options == {"mode": "gelu"}
+    assert cfg.spec_for("blocks.0.attn.qkv.weight", "qkv.weight", True).granularity == "channel"

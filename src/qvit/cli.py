@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
-from .data import DatasetMissingError, build_dataset, calibration_batch, create_eval_transform, create_loader, subset
+from .data import (DatasetMissingError, build_dataset, calibration_batch, create_eval_transform, create_loader,
+                   resolve_split_dir, subset)
 from .evaluate import evaluate
 from .models import REFERENCE_MODEL, build_model, describe, format_sites, prepare
 from .models.factory import WeightsUnavailableError
@@ -28,14 +30,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"timm model name (default: {REFERENCE_MODEL}, the shipped Fashion-MNIST ViT)")
     g.add_argument("--checkpoint", type=Path, help="local weights file for --model (offline)")
     g.add_argument("--pretrained", action="store_true", help="use timm's published weights (needs network)")
-    g.add_argument("--num-classes", type=int, help="classifier size (default: the data set's class count)")
+    g.add_argument("--num-classes", type=int,
+                   help="classifier size (default: the class count of --data's folder; 10 for Fashion-MNIST)")
     g.add_argument("--data", type=Path,
                    help="ImageNet-style folder (train/ and val/ of class sub-folders); default: Fashion-MNIST")
     g.add_argument("--eval-images", type=int, help="evaluate on a seeded random subset of this many images")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the calibration / evaluation subsets")
+    g.add_argument("--seed", type=int, help="seed of the calibration / evaluation subsets "
+                                          "(default: the recipe's calibration seed, else 0)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -62,22 +66,31 @@ class _Session:
         self.args = args
         self.progress = not args.no_progress
         num_classes = args.num_classes
-        if num_classes is None and args.data is None and args.model != REFERENCE_MODEL and not args.checkpoint:
+        if num_classes is None and args.data is not None:
+            from torchvision.datasets.folder import find_classes
+            num_classes = len(find_classes(str(resolve_split_dir(args.data, "val")))[0])
+        elif num_classes is None and args.model != REFERENCE_MODEL and not args.checkpoint:
             num_classes = 10
         self.model = build_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                  num_classes=num_classes)
         self.transform = create_eval_transform(self.model)
 
+    @property
+    def seed(self) -> int:
+        return 0 if self.args.seed is None else self.args.seed
+
     def eval_set(self, materialize: bool = False):
-        ds = subset(build_dataset(self.args.data, "val", self.transform), self.args.eval_images, self.args.seed)
+        ds = subset(build_dataset(self.args.data, "val", self.transform), self.args.eval_images, self.seed)
         if materialize:
             loader = create_loader(ds, batch_size=256, workers=self.args.workers)
             xs, ys = zip(*loader)
             ds = TensorDataset(torch.cat(xs), torch.cat(ys))
         return ds
 
-    def calib_images(self, num: int) -> torch.Tensor:
-        return calibration_batch(build_dataset(self.args.data, "train", self.transform), num, self.args.seed)[0]
+    def calib_images(self, num: int, recipe_seed: int = 0) -> torch.Tensor:
+        """``num`` training images (eval transform); seed: ``--seed``, else the recipe's."""
+        seed = recipe_seed if self.args.seed is None else self.args.seed
+        return calibration_batch(build_dataset(self.args.data, "train", self.transform), num, seed)[0]
 
     def loader(self, ds):
         return create_loader(ds, batch_size=self.args.batch_size, workers=self.args.workers)
@@ -102,7 +115,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     s = _Session(args)
     recipe = load_recipe(args.recipe)
     num = args.calib_images or recipe.calibration.get("num_images", 32)
-    calib = s.calib_images(num)
+    calib = s.calib_images(num, recipe.calibration.get("seed", 0))
     loader = s.loader(s.eval_set())
     fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
     t0 = time.time()
@@ -131,16 +144,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
     results: Dict[str, Dict[int, float]] = {}
     runs = [(r, b) for r in recipes for b in args.bits]
-    calib_cache: Dict[int, torch.Tensor] = {}
+    calib_cache: Dict[tuple, torch.Tensor] = {}
     from tqdm import tqdm
     bar = tqdm(runs, desc="demo", disable=not s.progress, file=sys.stderr)
     for name, bits in bar:
         bar.set_postfix_str(f"{name} W{bits}A{bits}")
         recipe = load_recipe(name)
         num = args.calib_images or recipe.calibration.get("num_images", 32)
-        if num not in calib_cache:
-            calib_cache[num] = s.calib_images(num)
-        qmodel = quantize_ptq(s.model, recipe, calib_cache[num], w_bits=bits, a_bits=bits,
+        key = (num, recipe.calibration.get("seed", 0))
+        if key not in calib_cache:
+            calib_cache[key] = s.calib_images(*key)
+        qmodel = quantize_ptq(s.model, recipe, calib_cache[key], w_bits=bits, a_bits=bits,
                               overrides=_overrides(args), progress=False)
         res = evaluate(qmodel, loader, progress=False)
         results.setdefault(name, {})[bits] = res.top1
@@ -229,6 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    if os.environ.get("QVIT_DEBUG"):
+        return args.func(args)
     try:
         return args.func(args)
     except (DatasetMissingError, FileNotFoundError, KeyError, ValueError, WeightsUnavailableError,

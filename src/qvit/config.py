@@ -32,6 +32,8 @@ DEFAULT_ROLES: Dict[str, Dict[str, Any]] = {
 }
 
 PathLike = Union[str, Path]
+#: Spec keys that survive a patch switching the site to another quantizer family.
+PLACEMENT_KEYS = ("bits", "granularity", "axis", "group_size", "enabled", "signed")
 
 
 @dataclass
@@ -47,7 +49,9 @@ class QuantConfig:
 
     A site whose patches set no ``bits`` (or ``bits: null``) gets ``w_bits`` (weights) or ``a_bits``.
 
-    Roles not listed keep the defaults; a role patch replaces the built-in role patch of that name.
+    Roles not listed keep the defaults; a role patch is merged into the built-in patch of that role. A patch
+    that switches ``kind`` drops the inherited family settings (``init``, ``symmetric`` and options) and
+    keeps only the placement keys (bits, granularity, axis, group size, enabled, signed).
     """
 
     w_bits: int = 8
@@ -64,10 +68,11 @@ class QuantConfig:
     def spec_for(self, site: str, role: str, is_weight: bool) -> QuantSpec:
         """The spec for the site named ``site`` with role ``role``."""
         patch = dict(self.weight if is_weight else self.activation)
-        patch.update(self.roles.get(role, {}))
-        for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(site, pattern):
-                patch.update(override)
+        for layer in [self.roles.get(role, {})] + [o for p, o in self.overrides.items() if fnmatch.fnmatchcase(site, p)]:
+            if "kind" in layer and layer["kind"] != patch.get("kind"):
+                # another family: keep where and how wide the site is, not the old family's init and options
+                patch = {k: v for k, v in patch.items() if k in PLACEMENT_KEYS}
+            patch.update(layer)
         if patch.get("bits") is None:
             patch["bits"] = self.w_bits if is_weight else self.a_bits
         try:

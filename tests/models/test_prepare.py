@@ -112,3 +112,31 @@ def test_cnns_prepare_and_run(name):
     with torch.no_grad():
         out = model(x)
     assert ((out - ref).norm() / ref.norm()) < 0.1
+
+
+def test_every_family_can_be_chosen_by_role():
+    config = dict(w_bits=4, a_bits=4, roles={
+        "qkv.weight": {"kind": "statsq"}, "fc1.weight": {"kind": "lsq"}, "fc1.input": {"kind": "lsq"},
+        "fc2.input": {"kind": "twin_uniform", "mode": "gelu"}, "proj.input": {"kind": "lsq_plus"},
+        "fc2.weight": {"kind": "pow2"}, "attn.probs": {"kind": "log_sqrt2"}})
+    model, x, ref, _ = _calibrated("test_vit", config)
+    kinds = {r.role: r.kind for r in qvit.describe(model)}
+    assert kinds["qkv.weight"] == "statsq" and kinds["fc2.input"] == "twin_uniform"
+    assert model.blocks[0].mlp.fc1.input_quantizer.init == "lsq"
+    assert model.blocks[0].mlp.fc1.input_quantizer.signed is True  # LayerNorm output is signed
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_feature_extractor_has_no_head_role():
+    model = qvit.prepare(timm.create_model("test_vit", num_classes=0))
+    roles = {r.role for r in qvit.describe(model)}
+    assert "head.weight" not in roles and "fc2.weight" in roles
+    assert model.blocks[-1].mlp.fc2.weight_quantizer.bits == 8  # W8A8 default config, not a head override
+    q4 = qvit.prepare(timm.create_model("test_vit", num_classes=0), dict(w_bits=4, a_bits=4))
+    assert q4.blocks[-1].mlp.fc2.weight_quantizer.bits == 4
+
+
+def test_override_that_matches_nothing_warns():
+    with pytest.warns(UserWarning, match="matches no site"):
+        qvit.prepare(timm.create_model("test_vit"), dict(overrides={"head": {"bits": 6}}))

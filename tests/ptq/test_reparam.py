@@ -243,3 +243,19 @@ def test_state_dict_round_trip_swin_with_created_bias():
     assert set(input_granularities(fresh).values()) == {"tensor"}
     with torch.no_grad():
         assert torch.equal(fresh(x), ref)
+
+
+def test_codes_refuse_a_fractional_zero_point():
+    import timm
+    import torch
+
+    import qvit
+
+    fp = timm.create_model("test_vit").eval()
+    x = torch.randn(2, 3, 160, 160)
+    q = qvit.quantize_ptq(fp, "repq", x, w_bits=4, a_bits=4, progress=False)
+    site = q.blocks[0].attn.qkv.input_quantizer
+    if torch.equal(site.zero_point, torch.round(site.zero_point)):
+        return  # an integer mean: nothing to refuse
+    with pytest.raises(ValueError, match="fractional"):
+        site.quantize(torch.randn(3))

@@ -21,15 +21,14 @@ def test_lsq_scale_gradient_matches_formula():
     q.calibrate(torch.tensor([-1.0, 1.0]))  # signed data: codes [-4, 3]
     with torch.no_grad():
         q.scale.fill_(0.4)
-    x = torch.tensor([-1.0, -0.4, 0.0, 0.26, 0.5, 1.2, 2.0], requires_grad=True)
+    x = torch.tensor([-1.0, -0.4, 0.0, 0.26, 0.5, 1.3, 2.0, -1.9], requires_grad=True)
     q(x).sum().backward()
-    v = [-2.5, -1.0, 0.0, 0.65, 1.25, 3.0, 5.0]
-    # inside (Qn < v < Qp): round(v) - v (half to even); on or beyond a bound: the bound (Esser et al.)
-    local = [-2 + 2.5, 0.0, 0.0, 1 - 0.65, 1 - 1.25, 3.0, 3.0]
+    v = [-2.5, -1.0, 0.0, 0.65, 1.25, 3.25, 5.0, -4.75]
+    # inside (Qn < v < Qp): round(v) - v; beyond a bound: the bound itself (Esser et al.)
+    local = [-2 + 2.5, 0.0, 0.0, 1 - 0.65, 1 - 1.25, 3.0, 3.0, -4.0]
     g = 1 / math.sqrt(len(v) * 3)
     assert q.scale.grad.item() == pytest.approx(sum(local) * g, rel=1e-5)
-    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-    assert v[5] == 3.0  # exactly on the bound: zero input gradient
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_lsq_vvtq_grad_scales():

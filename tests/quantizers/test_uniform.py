@@ -108,3 +108,37 @@ def test_state_dict_round_trip_resizes_per_channel_buffers():
     fresh = create_quantizer(q.config())
     fresh.load_state_dict(q.state_dict())
     assert torch.equal(fresh(w), q(w))
+
+
+def test_minmax_is_exact_beyond_the_sample_cap(monkeypatch):
+    import qvit.quantizers.base as base
+    monkeypatch.setattr(base, "MAX_OBSERVED_ELEMENTS", 64)
+    q = create_quantizer(QuantSpec(bits=8, symmetric=False))
+    for i in range(10):
+        batch = torch.rand(100)
+        if i == 3:
+            batch[17] = 7.0  # one extreme value in an early batch
+        q.observe(batch)
+    assert sum(c.numel() for c in q._observed) <= 64
+    q.finalize()
+    assert q.scale.item() == pytest.approx(7.0 / 255)
+
+
+def test_reset_forgets_detected_signedness():
+    q = create_quantizer(QuantSpec(bits=4)).calibrate(torch.tensor([0.0, 1.0]))
+    assert q.signed is False
+    q.reset()
+    assert q.signed is None
+    q.calibrate(torch.tensor([-1.0, 1.0]))
+    assert q.signed is True and q.code_range() == (-8, 7)
+
+
+def test_bad_group_size_is_a_clear_error():
+    q = create_quantizer(QuantSpec(bits=4, granularity="group", group_size=3))
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        q.calibrate(torch.randn(2, 4))
+
+
+def test_lsq_without_zero_point_rejects_asymmetric():
+    with pytest.raises(ValueError, match="lsq_plus"):
+        create_quantizer({"kind": "lsq", "symmetric": False})

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -29,16 +31,25 @@ def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError("model is already prepared; call qvit.unprepare(model) first to re-prepare it")
     stem, heads = stem_and_head(model)
+    sites: List[str] = []
     for name, module in list(model.named_modules()):
         qcls = quant_class_for(module)
         if qcls is None:
+            if type(module).__name__.endswith("Attention") and not isinstance(module, QuantModule):
+                warnings.warn(f"{name} ({type(module).__name__}) is not rewritten: its q·kᵀ, softmax and probs·v "
+                              "stay in floating point (its linear layers are quantized)")
             continue
         prefix = role_prefix(name, module, stem, heads)
         specs, roles = {}, {}
         for slot, is_weight in qcls.quant_slots:
             roles[slot] = f"{prefix}.{slot}"
-            specs[slot] = config.spec_for(f"{name}.{slot}" if name else slot, roles[slot], is_weight)
+            site = f"{name}.{slot}" if name else slot
+            sites.append(site)
+            specs[slot] = config.spec_for(site, roles[slot], is_weight)
         qcls.convert(module, specs, name=name, roles=roles)
+    for pattern in config.overrides:
+        if not any(fnmatch.fnmatchcase(site, pattern) for site in sites):
+            warnings.warn(f"QuantConfig override {pattern!r} matches no site of this model")
     model.qvit_config = config
     return model
 

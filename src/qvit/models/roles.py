@@ -34,7 +34,7 @@ def stem_and_head(model: nn.Module) -> Tuple[Optional[str], Tuple[str, ...]]:
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if stem is None and layers:
         stem = layers[0]
-    if not heads:
+    if not heads and not cfg.get("classifier"):
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         heads = (linears[-1],) if linears else ()
     return stem, heads

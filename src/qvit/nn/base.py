@@ -27,12 +27,15 @@ class QuantModule:
         module.float_class = type(module)
         module.__class__ = cls
         module.quant_roles = dict(roles or {})
+        device = next((t.device for t in module.parameters()), None)
         for slot, is_weight in cls.quant_slots:
             spec = specs.get(slot)
             quantizer = None
             if spec is not None and spec.enabled:
                 quantizer = create_quantizer(spec, static=is_weight)
                 quantizer.site = f"{name}.{slot}" if name else slot
+                if device is not None:
+                    quantizer.to(device)
             setattr(module, f"{slot}_quantizer", quantizer)
         module._init_quant()
         return module

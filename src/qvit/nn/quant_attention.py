@@ -4,7 +4,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.layers.attention import Attention
+
+try:
+    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+except ImportError:  # timm releases before attention-mask resolution was factored out
+    def resolve_self_attn_mask(n: int, attn: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                               is_causal: bool = False) -> Optional[torch.Tensor]:
+        if is_causal:
+            causal = torch.ones(n, n, dtype=torch.bool, device=attn.device).triu_(1)
+            return torch.zeros(n, n, dtype=attn.dtype, device=attn.device).masked_fill_(causal, float("-inf"))
+        return attn_mask
+
+    def maybe_add_mask(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return attn if mask is None else attn + mask
 
 from ._attention_sites import QuantAttentionCore
 from ._registry import register_quant_module

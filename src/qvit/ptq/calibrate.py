@@ -32,7 +32,8 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
     ``sequential=False`` (default): all activation quantizers observe the float network on every batch,
     then set their parameters from what they saw. ``sequential=True``: each quantizer calibrates on the
     first batch that reaches it, so later sites see the already-quantized outputs of earlier ones
-    (RepQ-ViT's single-batch initialisation). Weight quantizers always calibrate on the weights
+    (RepQ-ViT's single-batch initialisation); a tensor ``data`` is then run as one batch, and of an
+    iterable only the first batch is used. Weight quantizers always calibrate on the weights
     themselves. Quantizers that are already calibrated are left as they are (``reset`` them first to
     re-calibrate). With ``weights_only`` activation quantizers are not touched.
     """
@@ -51,6 +52,8 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
         else:
             q.observing = True
     try:
+        if sequential and torch.is_tensor(data):
+            batch_size = data.shape[0]
         batches = iter_batches(data, batch_size)
         if weights_only:
             batches = iter(())

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS
 
 MAX_OBSERVED_ELEMENTS = 1 << 21
+MIN_SCALE = 1e-8
 
 
 class NotCalibratedError(RuntimeError):
@@ -60,9 +61,11 @@ class Quantizer(nn.Module):
         self.lazy_init = False
         self.site = ""               # set by qvit.prepare: the site's name, for messages
         self.register_buffer("initialized", torch.tensor(False))
+        self._signed_arg = signed
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self._observed: list = []
-        self._observed_count = 0
+        self._keys: list = []
+        self._extremes = None
 
     def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
         from .ranges import list_ranges, get_range
@@ -70,7 +73,7 @@ class Quantizer(nn.Module):
             return {}
         if init not in list_ranges():
             raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
-        accepted = set(inspect.signature(get_range(init)).parameters) - {"cols"}
+        accepted = set(inspect.signature(get_range(init)).parameters) - {"cols", "extremes"}
         unknown = set(options) - accepted
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected options {sorted(unknown)} "
@@ -80,7 +83,7 @@ class Quantizer(nn.Module):
     def candidate_ranges(self, cols: torch.Tensor):
         """Candidate ``(lo, hi)`` ranges ``[candidates, columns]`` from the ``init`` range estimator."""
         from .ranges import get_range
-        return get_range(self.init)(cols, **self.init_options)
+        return get_range(self.init)(cols, extremes=self._extremes, **self.init_options)
 
     # ------------------------------------------------------------------ granularity
     @property
@@ -110,6 +113,7 @@ class Quantizer(nn.Module):
         """Reshape ``x`` to ``[samples, columns]`` (one column per parameter set)."""
         if self.granularity == "tensor":
             return x.reshape(-1, 1)
+        self.num_columns(x)  # validates the axis and the group size with a clear message
         axis = self._channel_axis(x)
         xt = x.movedim(axis, -1)
         c = xt.shape[-1]
@@ -131,33 +135,44 @@ class Quantizer(nn.Module):
 
     # ------------------------------------------------------------------ calibration
     def observe(self, x: torch.Tensor) -> None:
-        """Record calibration statistics of ``x`` (no gradient, bounded memory)."""
+        """Record calibration statistics of ``x`` (no gradient, bounded memory).
+
+        The exact per-column minimum and maximum are kept over everything observed; the samples kept for
+        percentile/MSE searches are a uniform random subset of all observed rows (reservoir sampling with
+        random keys, seeded) once they exceed ``MAX_OBSERVED_ELEMENTS``.
+        """
         with torch.no_grad():
             cols = self.to_columns(x.detach()).float()
             if self._observed and cols.shape[1] != self._observed[0].shape[1]:
                 raise ValueError(f"{self._name()}: observed tensors changed their column count "
                                  f"({self._observed[0].shape[1]} -> {cols.shape[1]})")
-            self._observed_count += cols.shape[0]
+            lo, hi = cols.amin(0), cols.amax(0)
+            if self._extremes is not None:
+                lo, hi = torch.minimum(lo, self._extremes[0]), torch.maximum(hi, self._extremes[1])
+            self._extremes = (lo, hi)
+            gen = torch.Generator(device="cpu").manual_seed(len(self._keys))
+            self._keys.append(torch.rand(cols.shape[0], generator=gen).to(cols.device))
             self._observed.append(cols)
-            total = sum(c.numel() for c in self._observed)
-            if total > MAX_OBSERVED_ELEMENTS:
-                merged = torch.cat(self._observed)
-                keep = max(1, MAX_OBSERVED_ELEMENTS // merged.shape[1])
-                gen = torch.Generator(device="cpu").manual_seed(self._observed_count)
-                idx = torch.randperm(merged.shape[0], generator=gen)[:keep].to(merged.device)
-                self._observed = [merged[idx]]
+            keep = max(1, MAX_OBSERVED_ELEMENTS // cols.shape[1])
+            if sum(c.shape[0] for c in self._observed) > keep:
+                keys, rows = torch.cat(self._keys), torch.cat(self._observed)
+                idx = keys.topk(keep, largest=False).indices
+                self._keys, self._observed = [keys[idx]], [rows[idx]]
 
     def finalize(self) -> None:
         """Compute the quantization parameters from what was observed, then forget the samples."""
         if not self._observed:
             raise NotCalibratedError(f"{self._name()}: finalize() called but no data was observed")
         cols = torch.cat(self._observed)
-        self._observed, self._observed_count = [], 0
-        if not torch.isfinite(cols).all():
-            raise ValueError(f"{self._name()}: calibration data contains NaN or Inf")
-        if self.signed is None:
-            self.signed_flag.fill_(int(bool((cols < 0).any())))
-        self._init_from_columns(cols)
+        self._observed, self._keys = [], []
+        try:
+            if not (torch.isfinite(self._extremes[0]).all() and torch.isfinite(self._extremes[1]).all()):
+                raise ValueError(f"{self._name()}: calibration data contains NaN or Inf")
+            if self.signed is None:
+                self.signed_flag.fill_(int(bool((self._extremes[0] < 0).any())))
+            self._init_from_columns(cols)
+        finally:
+            self._extremes = None
         self.initialized.fill_(True)
         self.check_params()
 
@@ -169,8 +184,9 @@ class Quantizer(nn.Module):
 
     def reset(self) -> None:
         """Forget calibration: the quantizer must be calibrated again before it quantizes."""
-        self._observed, self._observed_count = [], 0
+        self._observed, self._keys, self._extremes = [], [], None
         self.initialized.fill_(False)
+        self.signed_flag.fill_(-1 if self._signed_arg is None else int(self._signed_arg))
 
     def check_params(self) -> None:
         """Raise ``ValueError`` if a scale-like parameter is zero, negative, NaN or Inf."""
@@ -221,10 +237,6 @@ class Quantizer(nn.Module):
     def code_range(self) -> Tuple[int, int]:
         """Smallest and largest code :meth:`quantize` can return."""
         raise NotImplementedError
-
-    def export_params(self) -> Dict[str, torch.Tensor]:
-        """Tensors needed, with :meth:`config`, to dequantize codes (for packed checkpoints)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild an equivalent quantizer (see ``QuantSpec``)."""

@@ -13,13 +13,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Return ``x`` unchanged in the forward pass with its gradient multiplied by ``factor``."""
-    if factor == 1.0:
-        return x
-    return (x - x * factor).detach() + x * factor
-
-
 def _sum_to(grad: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Sum ``grad`` over the dimensions that were broadcast from ``shape``."""
     if tuple(grad.shape) == tuple(shape):
@@ -83,3 +76,32 @@ def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[tor
         out = torch.div(v, scale).round_().clamp_(qmin, qmax).mul_(scale)
         return out.add_(offset) if offset is not None else out
     return _AffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value`` exactly. Backward: the gradient reaches ``x`` where ``inside`` is true."""
+
+    @staticmethod
+    def forward(ctx, x, value, inside):
+        ctx.save_for_backward(inside)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, = ctx.saved_tensors
+        grad_x = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def straight_through(x: torch.Tensor, value: torch.Tensor, inside: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Return ``value`` (bit-exact) with the straight-through gradient ``d out / d x = inside``.
+
+    Args:
+        x: the input that was quantized, any shape.
+        value: its quantize-dequantize result, same shape as ``x``.
+        inside: bool mask, same shape: where the gradient passes (the quantizer's range); ``None`` passes
+            it everywhere (identity STE).
+    """
+    if inside is None:
+        return value.detach().to(x.dtype) + (x - x.detach())
+    return _StraightThrough.apply(x, value.detach().to(x.dtype), inside.detach())

@@ -7,11 +7,11 @@ from typing import Any, ClassVar, Dict, Tuple
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
-from .companding import check_nonnegative, straight_through, unsigned_only
+from .base import MIN_SCALE, Quantizer, set_tensor
+from .companding import check_nonnegative, unsigned_only
+from .functional import straight_through
 from .ranges import list_ranges, select_by_error
 
-MIN_DELTA = 1e-8
 SQRT2 = math.sqrt(2.0)
 
 
@@ -118,7 +118,7 @@ class Log2Quantizer(Quantizer):
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         check_nonnegative(self._name(), cols)
         lo, hi = self.candidate_ranges(cols)
-        _, hi = select_by_error(cols, lo, hi.clamp(min=MIN_DELTA), self._error)
+        _, hi = select_by_error(cols, lo, hi.clamp(min=MIN_SCALE), self._error)
         self.set_params(hi)
 
     def set_params(self, delta: torch.Tensor) -> None:

@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from ._registry import register_quantizer
 from .functional import affine_fake_quant
-from .uniform import MIN_SCALE, UniformQuantizer
-from .base import set_tensor
+from .base import MIN_SCALE, set_tensor
+from .uniform import UniformQuantizer
 
 GRAD_SCALES = ("lsq", "vvtq_weight", "vvtq_act", "none")
 
@@ -32,6 +32,9 @@ class LSQQuantizer(UniformQuantizer):
 
     def __init__(self, bits: int = 8, *, init: str = "lsq", grad_scale: Union[str, float] = "lsq",
                  **kwargs) -> None:
+        if type(self) is LSQQuantizer and not kwargs.get("symmetric", True):
+            raise ValueError("LSQQuantizer has no zero-point or offset (symmetric=False is not supported); "
+                             "use kind 'lsq_plus' for an asymmetric range with a learnable offset")
         if not isinstance(grad_scale, (int, float)) and grad_scale not in GRAD_SCALES:
             raise ValueError(f"grad_scale must be one of {GRAD_SCALES} or a number, got {grad_scale!r}")
         self.grad_scale = grad_scale
@@ -118,8 +121,7 @@ class LSQPlusQuantizer(LSQQuantizer):
     def _error_offset(self, cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
         scale, offset = self._range_to_scale_offset(lo, hi)
-        q = torch.clamp(torch.round((cols - offset) / scale), qmin, qmax)
-        return (q * scale + offset - cols).pow(2).mean(0)
+        return (affine_fake_quant(cols, scale, offset, qmin, qmax) - cols).pow(2).mean(0)
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()

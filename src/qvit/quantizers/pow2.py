@@ -6,10 +6,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
+from .base import MIN_SCALE, Quantizer, set_tensor
+from .functional import straight_through
 from .ranges import list_ranges, select_by_error
 
-MIN_SCALE = 1e-8
 PROJECTIONS = ("log", "linear")
 
 
@@ -128,7 +128,7 @@ class Pow2Quantizer(Quantizer):
         s = self.expand(self.scale, x)
         out = self._values(self._codes(x, s), s).to(x.dtype)
         inside = x.detach().abs() <= s
-        return out.detach() + (x - x.detach()) * inside
+        return straight_through(x, out, inside)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x, self.expand(self.scale, x)).to(torch.int32)

@@ -1,12 +1,13 @@
 """Range estimators: calibration data -> candidate clipping ranges, one per column.
 
 Each estimator maps ``cols`` ``[samples, columns]`` to candidate ranges ``(lo, hi)``, both
-``[candidates, columns]``. With several candidates the quantizer keeps, per column, the one whose
+``[candidates, columns]``. ``extremes`` are the exact per-column minimum and maximum of everything observed
+(``cols`` may be a subsample). With several candidates the quantizer keeps, per column, the one whose
 fake quantization of ``cols`` has the lowest mean squared error.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -34,8 +35,10 @@ def get_range(name: str) -> RangeEstimator:
 
 
 @register_range("minmax")
-def minmax_range(cols: torch.Tensor) -> Ranges:
+def minmax_range(cols: torch.Tensor, extremes: Optional[Ranges] = None) -> Ranges:
     """The observed minimum and maximum of each column (one candidate)."""
+    if extremes is not None:
+        return extremes[0].reshape(1, -1), extremes[1].reshape(1, -1)
     return cols.amin(0, keepdim=True), cols.amax(0, keepdim=True)
 
 
@@ -50,7 +53,8 @@ def _quantile(cols: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @register_range("percentile")
-def percentile_range(cols: torch.Tensor, percentile: Union[float, Sequence[float]] = (99.9, 99.99, 99.999)) -> Ranges:
+def percentile_range(cols: torch.Tensor, extremes: Optional[Ranges] = None,
+                     percentile: Union[float, Sequence[float]] = (99.9, 99.99, 99.999)) -> Ranges:
     """Clip at the ``p``-th and ``(100 - p)``-th percentiles; several ``p`` are searched by MSE (RepQ-ViT)."""
     ps = torch.tensor([percentile] if isinstance(percentile, (int, float)) else list(percentile), dtype=torch.float64)
     if ((ps <= 50) | (ps > 100)).any():
@@ -61,9 +65,10 @@ def percentile_range(cols: torch.Tensor, percentile: Union[float, Sequence[float
 
 
 @register_range("mse")
-def mse_range(cols: torch.Tensor, num_candidates: int = 100, min_ratio: float = 0.05) -> Ranges:
+def mse_range(cols: torch.Tensor, extremes: Optional[Ranges] = None, num_candidates: int = 100,
+              min_ratio: float = 0.05) -> Ranges:
     """Shrink the min-max range by ``num_candidates`` ratios in ``[min_ratio, 1]``, searched by MSE."""
-    lo, hi = minmax_range(cols)
+    lo, hi = minmax_range(cols, extremes)
     ratios = torch.linspace(min_ratio, 1.0, num_candidates, device=cols.device, dtype=cols.dtype).unsqueeze(1)
     return lo * ratios, hi * ratios
 

@@ -6,9 +6,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
+from .base import MIN_SCALE, Quantizer, set_tensor
+from .functional import straight_through
 
-MIN_SCALE = 1e-8
 CLIP_HI = 1.0 - 1e-6
 
 
@@ -117,7 +117,7 @@ class StatsQQuantizer(Quantizer):
             self._record_scale(s_cols)
         s = self.expand(s_cols, x)
         out = self._values(self._codes(x, s), s).to(x.dtype)
-        return out.detach() + (x - x.detach())
+        return straight_through(x, out)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Codes ``k`` in ``[-n, n-1]`` (``int32``); records the statistic of ``x`` in ``scale``."""

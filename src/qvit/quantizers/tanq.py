@@ -7,13 +7,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
-from .companding import check_nonnegative, straight_through, unsigned_only
+from .base import MIN_SCALE, Quantizer, set_tensor
+from .companding import check_nonnegative, unsigned_only
+from .functional import straight_through
 from .ranges import list_ranges
 
 #: default search grid for ``α`` (per column, by MSE on the calibration data).
 ALPHA_GRID: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
-MIN_SCALE = 1e-8
 
 
 def _half_angle(alpha: torch.Tensor) -> torch.Tensor:

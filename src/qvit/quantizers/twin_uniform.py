@@ -6,11 +6,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
+from .base import MIN_SCALE, Quantizer, set_tensor
+from .functional import straight_through
 
 MODES = ("softmax", "gelu")
 GELU_MIN = 0.16997124254703522      # -min GELU(x): the negative range of post-GELU values
-MIN_STEP = 1e-8
 # linear search grid for the post-GELU positive step (PTQ4ViT's eq_alpha, eq_beta)
 LINEAR_ALPHA, LINEAR_BETA = 0.01, 1.2
 
@@ -186,7 +186,7 @@ class TwinUniformQuantizer(Quantizer):
     def _candidate_params(self, cols: torch.Tensor):
         if self.mode == "gelu" and not self.pow2_ratio:
             n = self.levels_per_range
-            d0 = cols.clamp(min=0).amax(0).clamp(min=MIN_STEP) / (n - 0.5)
+            d0 = cols.clamp(min=0).amax(0).clamp(min=MIN_SCALE) / (n - 0.5)
             base = self._shift_params(torch.zeros_like(d0))
             for i in range(self.num_candidates + 1):
                 ratio = LINEAR_ALPHA + i * (LINEAR_BETA - LINEAR_ALPHA) / self.num_candidates
@@ -215,7 +215,7 @@ class TwinUniformQuantizer(Quantizer):
         lo, hi = self._bounds(p)
         xd = x.detach()
         inside = (xd >= lo) & (xd <= hi)
-        return out.detach() + (x - x.detach()) * inside
+        return straight_through(x, out, inside)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         flag, idx = self._encode(x, self._expanded(x))

@@ -6,11 +6,10 @@ from typing import Dict, Tuple
 import torch
 
 from ._registry import register_quantizer
-from .base import Quantizer, set_tensor
+from .base import MIN_SCALE, Quantizer, set_tensor
 from .functional import affine_fake_quant
 from .ranges import select_by_error
 
-MIN_SCALE = 1e-8
 
 
 @register_quantizer("uniform")
@@ -63,8 +62,7 @@ class UniformQuantizer(Quantizer):
     def _error(self, cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         scale, zero = self.range_to_params(lo, hi)
         qmin, qmax = self.code_range()
-        q = torch.clamp(torch.round(cols / scale) + zero, qmin, qmax)
-        return ((q - zero) * scale - cols).pow(2).mean(0)
+        return (affine_fake_quant(cols, scale, None, qmin - zero, qmax - zero) - cols).pow(2).mean(0)
 
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         lo, hi = select_by_error(cols, *self.candidate_ranges(cols), self._error)
@@ -87,6 +85,9 @@ class UniformQuantizer(Quantizer):
         return affine_fake_quant(x, scale, None, qmin - zero, qmax - zero)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.equal(self.zero_point, torch.round(self.zero_point)):
+            raise ValueError(f"{self._name()}: the zero-point is fractional (e.g. RepQ-ViT's unrounded mean), so "
+                             "the codes are not integers; reparameterize with round_zero_point to export codes")
         qmin, qmax = self.code_range()
         q = torch.round(x / self.expand(self.scale, x)) + self.expand(self.zero_point, x)
         return torch.clamp(q, qmin, qmax).to(torch.int32)

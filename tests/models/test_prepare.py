@@ -140,3 +140,21 @@ def test_feature_extractor_has_no_head_role():
 def test_override_that_matches_nothing_warns():
     with pytest.warns(UserWarning, match="matches no site"):
         qvit.prepare(timm.create_model("test_vit"), dict(overrides={"head": {"bits": 6}}))
+
+
+def test_channel_wise_sites_on_swin_nhwc_and_per_head_attention():
+    from timm.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                            window_size=4, num_classes=3).eval()
+    config = dict(roles={"reduction.input": {"granularity": "channel", "axis": -1},
+                         "attn.q": {"granularity": "channel", "axis": 1},
+                         "attn.probs": {"granularity": "channel", "axis": 1}})
+    qvit.prepare(model, config)
+    qvit.calibrate(model, torch.randn(2, 3, 32, 32), progress=False)
+    reduction = model.layers[1].downsample.reduction
+    assert reduction.input_quantizer.scale.shape == (reduction.in_features,)  # channels last (NHWC input)
+    attn = model.layers[1].blocks[0].attn
+    assert attn.q_quantizer.scale.shape == (2,) and attn.probs_quantizer.scale.shape == (2,)  # per head
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -17,7 +18,7 @@ class NotCalibratedError(RuntimeError):
     """A quantizer was asked to quantize before it was calibrated."""
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, metaclass=ABCMeta):
     """Fake-quantizes one tensor site; subclasses implement one quantizer family.
 
     A quantizer is *observing* (collects calibration statistics and returns its input), *quantizing*
@@ -219,24 +220,29 @@ class Quantizer(nn.Module):
         return self.fake_quant(x)
 
     # ------------------------------------------------------------------ family API
+    @abstractmethod
     def _init_from_columns(self, cols: torch.Tensor) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``x`` with the family's gradient."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (``int32``, within :meth:`code_range`)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         """Real values of integer ``codes``; ``dequantize(quantize(x)) == fake_quant(x)``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def code_range(self) -> Tuple[int, int]:
         """Smallest and largest code :meth:`quantize` can return."""
-        raise NotImplementedError
+        ...
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild an equivalent quantizer (see ``QuantSpec``)."""

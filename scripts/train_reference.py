@@ -3,8 +3,9 @@
     python scripts/train_reference.py                     # writes src/qvit/assets/qvit_vit_tiny_fmnist.safetensors
     python scripts/train_reference.py --out ~/.cache/qvit/qvit_vit_tiny_fmnist.safetensors
 
-A checkpoint is written after every epoch next to ``--work-dir``; re-running the same command resumes
-from it, so an interrupted run loses at most one epoch.
+A checkpoint is written after every epoch in ``--work-dir``; re-running the command resumes from it, so an
+interrupted run loses at most one epoch. Resuming with a larger ``--epochs`` continues training on the longer
+cosine schedule; every invocation is recorded in the weights' metadata (``commands``).
 """
 from __future__ import annotations
 
@@ -52,12 +53,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--augment", action="store_true", help="random 2-pixel shifts and horizontal flips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "reference")
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.work_dir / "last.pt"
     start_epoch, history = 0, []
+    invocation = "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = []
     gen = torch.Generator().manual_seed(args.seed)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -95,7 +99,10 @@ def main(argv=None) -> int:
         gen.set_state(ckpt["gen"])
         torch.set_rng_state(ckpt["rng"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
+        commands = ckpt.get("commands", ["python scripts/train_reference.py"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    if not commands or commands[-1] != invocation.strip():
+        commands.append(invocation.strip())
 
     t0 = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            xb = augment(x_train[idx], gen)
+            xb = augment(x_train[idx], gen) if args.augment else x_train[idx]
             loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -120,13 +127,14 @@ def main(argv=None) -> int:
         history.append({"epoch": epoch + 1, "loss": running, "test_top1": acc})
         print(f"epoch {epoch + 1}: train loss {running:.4f}, test top-1 {acc:.2f}%", flush=True)
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history}, ckpt_path)
+                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "commands": commands},
+                   ckpt_path)
 
     acc = history[-1]["test_top1"]
     meta = {"model": REFERENCE_MODEL, "arch": ARCH, "test_top1": acc, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "label_smoothing": args.label_smoothing, "seed": args.seed, "history": history,
-            "torch": torch.__version__, "command": "python scripts/train_reference.py " + " ".join(argv or sys.argv[1:])}
+            "label_smoothing": args.label_smoothing, "augment": args.augment, "seed": args.seed, "history": history,
+            "torch": torch.__version__, "commands": commands}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(args.out), metadata={"qvit": json.dumps(meta)})

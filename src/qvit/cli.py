@@ -170,9 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_table(model: str, fp: float, results: Dict[str, Dict[int, float]], bits: Sequence[int], n: int) -> str:
     cols = [f"W{b}A{b}" for b in bits]
-    header = f"| method | " + " | ".join(cols) + " |"
+    header = "| method | " + " | ".join(cols) + " |"
     lines = [f"{model}: top-1 (%) on {n} test images, FP32 {fp:.2f}", "", header,
-             "|" + "---|" * (len(cols) + 1), f"| FP32 | " + " | ".join(f"{fp:.2f}" for _ in cols) + " |"]
+             "|" + "---|" * (len(cols) + 1), "| FP32 | " + " | ".join(f"{fp:.2f}" for _ in cols) + " |"]
     for name, by_bits in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{by_bits[b]:.2f}" for b in bits) + " |")
     return "\n".join(lines)

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import qvit.quantizers.log2  # noqa: F401  (registers log2 / log_sqrt2)
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.log2 import Log2Quantizer, LogSqrt2Quantizer
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import qvit.quantizers.pow2  # noqa: F401  (registers "pow2")
 from qvit.quantizers import create_quantizer
 from qvit.quantizers.pow2 import Pow2Quantizer
 

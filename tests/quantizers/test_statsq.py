@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import qvit.quantizers.statsq  # noqa: F401  (registers "statsq")
 from qvit.quantizers import QuantSpec, create_quantizer
 from qvit.quantizers.statsq import StatsQQuantizer
 

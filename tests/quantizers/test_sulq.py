@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import qvit.quantizers.sulq  # noqa: F401  (registers sulq)
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.sulq import CODE_ETA_GRID, PAPER_ETA_GRID, SULQQuantizer
 

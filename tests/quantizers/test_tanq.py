@@ -4,8 +4,6 @@ import math
 import pytest
 import torch
 
-import qvit.quantizers.log2  # noqa: F401  (registers log2, the comparison baseline)
-import qvit.quantizers.tanq  # noqa: F401  (registers tanq)
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.tanq import ALPHA_GRID, TanQQuantizer, tan_compress, tan_expand
 

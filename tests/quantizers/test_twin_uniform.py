@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import qvit.quantizers.twin_uniform  # noqa: F401  (registers "twin_uniform")
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.twin_uniform import GELU_MIN, TwinUniformQuantizer
 

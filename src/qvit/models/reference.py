@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
-import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 

@@ -1,7 +1,7 @@
 """Float module class -> quantized module class registry."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Optional, Tuple
 
 import torch.nn as nn
 

@@ -1,7 +1,7 @@
 """``QuantModule``: the mixin every quantized module shares (slots, conversion, restoring)."""
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Iterator, Mapping, Optional, Tuple
+from typing import ClassVar, Iterator, Mapping, Optional, Tuple
 
 import torch.nn as nn
 

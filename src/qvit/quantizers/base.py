@@ -70,10 +70,15 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
 
     def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
         from .ranges import list_ranges, get_range
+        if init not in list_ranges():
+            if self.supported_inits is None:
+                raise ValueError(f"{type(self).__name__}: init must be a range estimator {tuple(list_ranges())}, "
+                                 f"got {init!r}")
+            if options:
+                raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
+            return {}
         if not options:
             return {}
-        if init not in list_ranges():
-            raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
         accepted = set(inspect.signature(get_range(init)).parameters) - {"cols", "extremes"}
         unknown = set(options) - accepted
         if unknown:

@@ -10,7 +10,7 @@ from ._registry import register_quantizer
 from .base import MIN_SCALE, Quantizer, set_tensor
 from .companding import check_nonnegative, unsigned_only
 from .functional import straight_through
-from .ranges import list_ranges, select_by_error
+from .ranges import select_by_error
 
 SQRT2 = math.sqrt(2.0)
 
@@ -48,12 +48,6 @@ class Log2Quantizer(Quantizer):
         super().__init__(bits, **kwargs)
         self.reserve_zero = reserve_zero
         self.register_buffer("delta", torch.ones(1))
-
-    def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
-        if init not in list_ranges():
-            raise ValueError(f"{type(self).__name__}: init must be a range estimator {tuple(list_ranges())}, "
-                             f"got {init!r}")
-        return super()._check_init_options(init, options)
 
     # codes ---------------------------------------------------------------------------------------
     @property

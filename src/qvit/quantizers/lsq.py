@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Union
+from typing import Union
 
 import torch
 import torch.nn as nn

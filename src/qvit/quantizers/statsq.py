@@ -1,7 +1,7 @@
 """StatsQ (OFQ, Liu et al. 2023): statistics-based, zero-free mid-rise weight quantizer."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -50,11 +50,6 @@ class StatsQQuantizer(Quantizer):
             raise ValueError("StatsQQuantizer: the StatsQ grid is signed; signed=False is not supported")
         super().__init__(bits, granularity=granularity, axis=axis, init=init, symmetric=True, signed=True, **kwargs)
         self.register_buffer("scale", torch.ones(1))
-
-    def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
-        if options:
-            raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
-        return {}
 
     @property
     def half_levels(self) -> int:

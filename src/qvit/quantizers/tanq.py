@@ -10,7 +10,6 @@ from ._registry import register_quantizer
 from .base import MIN_SCALE, Quantizer, set_tensor
 from .companding import check_nonnegative, unsigned_only
 from .functional import straight_through
-from .ranges import list_ranges
 
 #: default search grid for ``α`` (per column, by MSE on the calibration data).
 ALPHA_GRID: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
@@ -86,12 +85,6 @@ class TanQQuantizer(Quantizer):
         self.fixed_scale = None if scale is None else float(scale)
         self.register_buffer("alpha", torch.full((1,), grid[0], dtype=torch.float32))
         self.register_buffer("scale", torch.full((1,), 1.0 if scale is None else float(scale)))
-
-    def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
-        if init not in list_ranges():
-            raise ValueError(f"{type(self).__name__}: init must be a range estimator {tuple(list_ranges())}, "
-                             f"got {init!r}")
-        return super()._check_init_options(init, options)
 
     @property
     def search_grid(self) -> Tuple[float, ...]:

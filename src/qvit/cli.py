@@ -66,7 +66,7 @@ class _Session:
         self.args = args
         self.progress = not args.no_progress
         num_classes = args.num_classes
-        if num_classes is None and args.data is not None:
+        if num_classes is None and args.data is not None and args.model != REFERENCE_MODEL:
             from torchvision.datasets.folder import find_classes
             num_classes = len(find_classes(str(resolve_split_dir(args.data, "val")))[0])
         elif num_classes is None and args.model != REFERENCE_MODEL and not args.checkpoint:

@@ -38,3 +38,11 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4, si
                 img[..., c % 3] += 150
                 Image.fromarray(img).save(folder / f"{i}.png")
     return root
+
+
+def softmax_data(shape=(2, 3, 16, 16), seed: int = 0, temperature: float = 2.5):
+    """Seeded attention-probability-like data: softmax over the last dim of Gaussian logits."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * temperature).softmax(-1)

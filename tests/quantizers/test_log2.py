@@ -6,13 +6,9 @@ import torch
 
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.log2 import Log2Quantizer, LogSqrt2Quantizer
+from tests.helpers import softmax_data
 
 R2 = 2 ** -0.5
-
-
-def softmax_data(shape=(2, 3, 16, 16), seed=0, temperature=2.5):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * temperature).softmax(-1)
 
 
 def make(kind="log2", bits=2, **kw):

@@ -7,11 +7,7 @@ import torch.nn as nn
 
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.sulq import CODE_ETA_GRID, PAPER_ETA_GRID, SULQQuantizer
-
-
-def softmax_data(shape=(2, 4, 32, 32), seed=0, temperature=2.5):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * temperature).softmax(-1)
+from tests.helpers import softmax_data
 
 
 def make(bits=2, **kw):
@@ -52,7 +48,7 @@ def test_code_2bit_hand_grid():
 
 
 def test_code_mode_off_by_one():
-    x = softmax_data()
+    x = softmax_data((2, 4, 32, 32))
     for bits in (2, 3, 4):
         code, paper = make(bits, mode="code").calibrate(x), make(bits).calibrate(x)
         assert code.code_range() == (0, 2 ** bits) and code.n_levels == 2 ** bits + 1
@@ -63,7 +59,7 @@ def test_code_mode_off_by_one():
 
 
 def test_code_mode_has_few_distinct_values():
-    x = softmax_data()
+    x = softmax_data((2, 4, 32, 32))
     for bits in (4, 8):
         code = make(bits, mode="code").calibrate(x)
         assert code.fake_quant(x).unique().numel() <= 11
@@ -109,7 +105,7 @@ def test_eta_search_is_argmin_of_independent_mse():
 
 
 def test_range_min_eta():
-    x = softmax_data(seed=3)
+    x = softmax_data((2, 4, 32, 32), seed=3)
     q = make(4, range_min="eta").calibrate(x)
     assert float(q.minv) == pytest.approx(math.log2(float(q.eta)))
     assert abs(float(q.fake_quant(torch.zeros(1)))) < 1e-7
@@ -119,7 +115,7 @@ def test_range_min_eta():
 @pytest.mark.parametrize("mode", ["paper", "code"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_codes_roundtrip_and_range(mode, bits):
-    x = softmax_data(seed=bits)
+    x = softmax_data((2, 4, 32, 32), seed=bits)
     q = make(bits, mode=mode).calibrate(x)
     codes = q.quantize(x)
     lo, hi = q.code_range()
@@ -144,7 +140,7 @@ def test_ste_gradient(mode):
 
 
 def test_eta_is_a_parameter_frozen_unless_learned():
-    x = softmax_data(seed=2)
+    x = softmax_data((2, 4, 32, 32), seed=2)
     frozen = make(4).calibrate(x)
     assert isinstance(frozen.eta, nn.Parameter) and not frozen.eta.requires_grad
     assert "eta" in frozen.state_dict() and "minv" in frozen.state_dict() and "maxv" in frozen.state_dict()

@@ -6,11 +6,7 @@ import torch
 
 from qvit.quantizers import NotCalibratedError, create_quantizer
 from qvit.quantizers.tanq import ALPHA_GRID, TanQQuantizer, tan_compress, tan_expand
-
-
-def softmax_data(shape=(2, 3, 16, 16), seed=0, temperature=2.5):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * temperature).softmax(-1)
+from tests.helpers import softmax_data
 
 
 def make(bits=2, **kw):

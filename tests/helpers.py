@@ -46,3 +46,17 @@ def softmax_data(shape=(2, 3, 16, 16), seed: int = 0, temperature: float = 2.5):
 
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * temperature).softmax(-1)
+
+
+def rebuild_and_compare(q, y):
+    """Rebuild ``q`` from its config and state_dict; check the copy quantizes ``y`` identically. Returns it."""
+    import torch
+
+    from qvit.quantizers import create_quantizer
+
+    fresh = create_quantizer(q.config())
+    assert type(fresh) is type(q) and fresh.config() == q.config()
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(y), q(y))
+    assert torch.equal(fresh.quantize(y), q.quantize(y))
+    return fresh

@@ -44,7 +44,7 @@ def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch
     qmodel = prepare(model if inplace else copy.deepcopy(model), config)
     fp_model.eval()
     ctx = PTQContext(model=qmodel, calib_data=calib_data, fp_model=fp_model, progress=progress,
-                     batch_size=batch_size)
+                     batch_size=batch_size, w_bits=config.w_bits, a_bits=config.a_bits)
     for name, params in recipe.steps:
         t0 = time.time()
         get_step(name)(ctx, **params)

@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -436,13 +436,16 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
 
 # ---------------------------------------------------------------------------------------------------- recipe steps
 @register_step("reconstruct")
-def reconstruct_step(ctx: PTQContext, input_source: str = "fp", iters: int = 1000, lr: float = 4e-5,
+def reconstruct_step(ctx: PTQContext, input_source: str = "fp", iters: Union[int, Mapping[Any, int]] = 1000,
+                     lr: float = 4e-5,
                      batch_size: int = 64, units: Union[str, Sequence[str]] = "all", seed: int = 0,
                      qdrop_prob: float = 0.0) -> None:
     """Recipe step: :func:`reconstruct` ``ctx.model`` against ``ctx.fp_model`` on ``ctx.calib_data``.
 
+    ``iters`` may depend on the activation bit-width (``{6: 200, default: 1000}``, see :meth:`PTQContext.by_bits`).
     Appends ``{"step": "reconstruct", <options>, "units": [per-unit records with first/last loss]}`` to ``ctx.log``.
     """
+    iters = ctx.by_bits(iters)
     if ctx.fp_model is None:
         raise ValueError("the reconstruct step needs the float teacher (PTQContext.fp_model)")
     records = reconstruct(ctx.model, ctx.fp_model, ctx.calib_data, input_source=input_source, iters=iters, lr=lr,

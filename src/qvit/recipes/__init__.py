@@ -23,6 +23,8 @@ class Recipe:
         config: a ``QuantConfig`` patch (``w_bits``/``a_bits`` usually come from the user).
         calibration: ``num_images`` and ``seed`` of the calibration set.
         steps: ordered ``(step name, parameters)`` pairs run by the pipeline.
+        quick: a shorter budget for demos and smoke runs: ``calibration`` keys and per-step parameter patches
+            (``{"calibration": {"num_images": 128}, "steps": {"reconstruct": {"iters": 20}}}``); see :meth:`quick_variant`.
     """
 
     name: str
@@ -32,10 +34,11 @@ class Recipe:
     config: Dict[str, Any] = field(default_factory=dict)
     calibration: Dict[str, Any] = field(default_factory=dict)
     steps: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
+    quick: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
-        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps"}
+        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps", "quick"}
         if unknown:
             raise ValueError(f"recipe {data.get('name', '?')!r}: unknown keys {sorted(unknown)}")
         if "name" not in data:
@@ -54,12 +57,35 @@ class Recipe:
                 raise ValueError(f"recipe {data['name']!r}: a step is a name or a one-key mapping, got {entry!r}")
         return cls(name=data["name"], version=int(data.get("version", 1)), kind=kind,
                    description=data.get("description", ""), config=dict(data.get("config") or {}),
-                   calibration=dict(data.get("calibration") or {}), steps=steps)
+                   calibration=dict(data.get("calibration") or {}), steps=steps, quick=dict(data.get("quick") or {}))
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(name=self.name, version=self.version, kind=self.kind, description=self.description,
-                    config=self.config, calibration=self.calibration,
-                    steps=[{name: params} for name, params in self.steps])
+        out = dict(name=self.name, version=self.version, kind=self.kind, description=self.description,
+                   config=self.config, calibration=self.calibration,
+                   steps=[{name: params} for name, params in self.steps])
+        if self.quick:
+            out["quick"] = self.quick
+        return out
+
+    def quick_variant(self) -> "Recipe":
+        """The same recipe on its ``quick`` budget (itself when it has none); the name gets a ``-quick`` suffix.
+
+        ``quick.calibration`` patches :attr:`calibration`; ``quick.steps[name]`` patches the parameters of every
+        step called ``name``. Patching a step the recipe does not run is an error.
+        """
+        if not self.quick:
+            return self
+        unknown = set(self.quick) - {"calibration", "steps"}
+        if unknown:
+            raise ValueError(f"recipe {self.name!r}: unknown quick keys {sorted(unknown)}")
+        patches = dict(self.quick.get("steps") or {})
+        missing = set(patches) - {name for name, _ in self.steps}
+        if missing:
+            raise ValueError(f"recipe {self.name!r}: quick patches steps it does not run: {sorted(missing)}")
+        steps = [(name, {**params, **(patches.get(name) or {})}) for name, params in self.steps]
+        return Recipe(name=f"{self.name}-quick", version=self.version, kind=self.kind, description=self.description,
+                      config=self.config, calibration={**self.calibration, **(self.quick.get("calibration") or {})},
+                      steps=steps)
 
 
 def list_recipes(kind: Union[str, None] = None) -> List[str]:

@@ -33,7 +33,7 @@ DEFAULT_ROLES: Dict[str, Dict[str, Any]] = {
 
 PathLike = Union[str, Path]
 #: Spec keys that survive a patch switching the site to another quantizer family.
-PLACEMENT_KEYS = ("bits", "granularity", "axis", "group_size", "enabled", "signed")
+PLACEMENT_KEYS = ("bits", "granularity", "axis", "group_size", "num_groups", "enabled", "signed")
 
 
 @dataclass

@@ -133,6 +133,20 @@ def test_reset_forgets_detected_signedness():
     assert q.signed is True and q.code_range() == (-8, 7)
 
 
+def test_num_groups_splits_the_axis_into_equal_blocks():
+    """``num_groups: 3`` on a qkv-like weight gives one scale per q, k and v row block whatever the width."""
+    w = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), -4.0), torch.full((2, 3), 0.5)])  # [6, 3]
+    q = create_quantizer(QuantSpec(bits=8, granularity="group", axis=0, num_groups=3)).calibrate(w)
+    torch.testing.assert_close(q.scale, torch.tensor([1.0 / 127, 4.0 / 128, 0.5 / 127]))
+    torch.testing.assert_close(q(w), w)
+    assert q.config()["num_groups"] == 3 and q.granularity_label == "3groups"
+    assert create_quantizer(q.config()).num_groups == 3
+    with pytest.raises(ValueError, match="do not split into 3 groups"):
+        create_quantizer(QuantSpec(bits=8, granularity="group", axis=0, num_groups=3)).calibrate(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="num_groups"):
+        QuantSpec(granularity="group", num_groups=0)
+
+
 def test_bad_group_size_is_a_clear_error():
     q = create_quantizer(QuantSpec(bits=4, granularity="group", group_size=3))
     with pytest.raises(ValueError, match="do not split into groups of 3"):

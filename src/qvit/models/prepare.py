@@ -105,7 +105,7 @@ def describe(model: nn.Module, include_float: bool = True) -> List[SiteInfo]:
                 if include_float:
                     rows.append(SiteInfo(site, role, "float", None, "-", True))
                 continue
-            gran = q.granularity if q.granularity != "group" else f"group{q.group_size}"
+            gran = q.granularity_label
             if q.granularity != "tensor":
                 gran += f"@{q.axis}"
             rows.append(SiteInfo(site, role, q.kind, q.bits, gran, bool(q.initialized)))

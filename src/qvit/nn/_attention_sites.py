@@ -1,7 +1,7 @@
 """The quantized core shared by attention modules: q·kᵀ, softmax and probs·v with quantized operands."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -14,23 +14,34 @@ class QuantAttentionCore(QuantModule):
     ``scale_after_matmul`` decides whether the ``head_dim^-0.5`` scale multiplies the logits (the order
     RepQ-ViT uses for ViT, so the ``q`` quantizer sees raw queries) or the queries before they are
     quantized (Swin's order). It does not change the float result.
+
+    ``tap``, when set, is called as ``tap(module, name, tensor)`` with the float operands ``q``, ``k``,
+    ``probs``, ``v`` (as their quantizers receive them) and the products ``logits`` (``q̂ k̂ᵀ``, scaled, before
+    any bias or mask) and ``context`` (``p̂ v̂``): calibration procedures use it to capture operands, outputs and
+    (with tensor hooks) output gradients. It must not change the tensors.
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
     scale_after_matmul: bool = True
+    tap: Optional[Callable[[torch.nn.Module, str, torch.Tensor], None]] = None
+
+    def _tapped(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.tap is not None:
+            self.tap(self, name, x)
+        return x
 
     def attention_logits(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
         """Scaled logits ``q̂ k̂ᵀ`` ``[B, heads, N, N]`` from quantized queries and keys."""
         if not self.scale_after_matmul:
             q = q * scale
-        q = self._quant("q", q)
-        k = self._quant("k", k)
+        q = self._quant("q", self._tapped("q", q))
+        k = self._quant("k", self._tapped("k", k))
         logits = q @ k.transpose(-2, -1)
-        return logits * scale if self.scale_after_matmul else logits
+        return self._tapped("logits", logits * scale if self.scale_after_matmul else logits)
 
     def attend(self, logits: torch.Tensor, v: torch.Tensor, dropout: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """``quant(softmax(logits)) · quant(v)`` ``[B, heads, N, head_dim]``."""
-        probs = self._quant("probs", logits.softmax(dim=-1))
+        probs = self._quant("probs", self._tapped("probs", logits.softmax(dim=-1)))
         if dropout is not None:
             probs = dropout(probs)
-        return probs @ self._quant("v", v)
+        return self._tapped("context", probs @ self._quant("v", self._tapped("v", v)))

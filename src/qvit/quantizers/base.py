@@ -28,7 +28,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     of raising :class:`NotCalibratedError`.
 
     Parameters are per *column*: one column for ``tensor`` granularity, ``C`` for ``channel`` and
-    ``C // group_size`` for ``group`` (channels counted along ``axis``). Subclasses implement
+    ``C // group_size`` (or ``num_groups``) for ``group`` (channels counted along ``axis``). Subclasses implement
     :meth:`_init_from_columns`, :meth:`fake_quant`, :meth:`quantize`, :meth:`dequantize` and
     :meth:`code_range`; they keep every calibrated quantity in buffers or parameters.
     """
@@ -38,7 +38,8 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     supported_inits: ClassVar[Optional[Sequence[str]]] = None
 
     def __init__(self, bits: int = 8, *, symmetric: bool = True, signed: Optional[bool] = None,
-                 granularity: str = "tensor", axis: int = -1, group_size: int = 1, init: str = "minmax",
+                 granularity: str = "tensor", axis: int = -1, group_size: int = 1, num_groups: Optional[int] = None,
+                 init: str = "minmax",
                  static: bool = False, **init_options: Any) -> None:
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
@@ -47,6 +48,8 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if granularity == "group" and group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
+            raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
         if self.supported_inits is not None and init not in self.supported_inits:
             raise ValueError(f"{type(self).__name__} supports init in {tuple(self.supported_inits)}, got {init!r}")
         self.init_options = self._check_init_options(init, init_options)
@@ -55,6 +58,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         self.granularity = granularity
         self.axis = axis
         self.group_size = group_size
+        self.num_groups = num_groups
         self.init = init
         self.static = static          # weights: calibrate once from the first tensor seen
         self.enabled = True
@@ -111,9 +115,17 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         c = x.shape[self._channel_axis(x)]
         if self.granularity == "channel":
             return c
-        if c % self.group_size:
-            raise ValueError(f"{self._name()}: {c} channels do not split into groups of {self.group_size}")
-        return c // self.group_size
+        return c // self.group_size_for(c)
+
+    def group_size_for(self, channels: int) -> int:
+        """Channels per group for a tensor with ``channels`` channels along ``axis`` (validated)."""
+        if self.num_groups is not None:
+            if channels % self.num_groups:
+                raise ValueError(f"{self._name()}: {channels} channels do not split into {self.num_groups} groups")
+            return channels // self.num_groups
+        if channels % self.group_size:
+            raise ValueError(f"{self._name()}: {channels} channels do not split into groups of {self.group_size}")
+        return self.group_size
 
     def to_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Reshape ``x`` to ``[samples, columns]`` (one column per parameter set)."""
@@ -125,7 +137,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         c = xt.shape[-1]
         if self.granularity == "channel":
             return xt.reshape(-1, c)
-        g = self.group_size
+        g = self.group_size_for(c)
         return xt.reshape(-1, c // g, g).transpose(1, 2).reshape(-1, c // g)
 
     def expand(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +146,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
             return p.reshape(())
         axis = self._channel_axis(x)
         if self.granularity == "group":
-            p = p.repeat_interleave(self.group_size)
+            p = p.repeat_interleave(x.shape[axis] // p.numel())
         shape = [1] * x.ndim
         shape[axis] = p.numel()
         return p.reshape(shape)
@@ -251,9 +263,12 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
 
     def config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild an equivalent quantizer (see ``QuantSpec``)."""
-        return dict(kind=self.kind, bits=self.bits, symmetric=self.symmetric, signed=self.signed,
-                    granularity=self.granularity, axis=self.axis, group_size=self.group_size, init=self.init,
-                    **self.init_options)
+        out = dict(kind=self.kind, bits=self.bits, symmetric=self.symmetric, signed=self.signed,
+                   granularity=self.granularity, axis=self.axis, group_size=self.group_size, init=self.init,
+                   **self.init_options)
+        if self.num_groups is not None:
+            out["num_groups"] = self.num_groups
+        return out
 
     @property
     def n_levels(self) -> int:
@@ -280,13 +295,19 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
             except ValueError as err:
                 error_msgs.append(str(err))
 
+    @property
+    def granularity_label(self) -> str:
+        """``tensor``, ``channel``, ``group8`` (8 channels a group) or ``3groups``."""
+        if self.granularity != "group":
+            return self.granularity
+        return f"{self.num_groups}groups" if self.num_groups is not None else f"group{self.group_size}"
+
     def _name(self) -> str:
         return f"{type(self).__name__}({self.site})" if self.site else type(self).__name__
 
     def extra_repr(self) -> str:
         state = "calibrated" if bool(self.initialized) else "uncalibrated"
-        gran = self.granularity if self.granularity != "group" else f"group{self.group_size}"
-        return f"bits={self.bits}, {gran}, init={self.init}, {state}"
+        return f"bits={self.bits}, {self.granularity_label}, init={self.init}, {state}"
 
 
 

@@ -21,6 +21,8 @@ def create_quantizer(spec: Union[QuantSpec, Mapping[str, Any]], **overrides: Any
     cls = get_quantizer_class(spec.kind)
     kwargs = dict(symmetric=spec.symmetric, signed=spec.signed, granularity=spec.granularity, axis=spec.axis,
                   group_size=spec.group_size, **spec.options)
+    if spec.num_groups is not None:
+        kwargs["num_groups"] = spec.num_groups
     if spec.init is not None:
         kwargs["init"] = spec.init
     try:

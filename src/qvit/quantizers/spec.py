@@ -22,6 +22,8 @@ class QuantSpec:
             (one scale per ``group_size`` consecutive indices of ``axis``; per-head for attention).
         axis: the channel axis (weights: 0 = output channels; activations: -1 = features).
         group_size: channels per group when ``granularity == "group"``.
+        num_groups: instead of ``group_size``, the number of groups (the size follows from the tensor:
+            PTQ4ViT's one scale for each of the q, k and v row blocks of a qkv weight is ``num_groups: 3``).
         init: range estimator used at calibration (``minmax``, ``percentile``, ``mse``, ``lsq`` ...);
             ``None`` keeps the family's default.
         enabled: ``False`` leaves the site in floating point.
@@ -35,6 +37,7 @@ class QuantSpec:
     granularity: str = "tensor"
     axis: int = -1
     group_size: int = 1
+    num_groups: Optional[int] = None
     init: Optional[str] = None
     enabled: bool = True
     options: Dict[str, Any] = field(default_factory=dict)
@@ -52,6 +55,9 @@ class QuantSpec:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.granularity == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.num_groups is not None and (isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int)
+                                            or self.num_groups < 1):
+            raise ValueError(f"num_groups must be a positive integer, got {self.num_groups!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":

@@ -46,6 +46,18 @@ def test_demo_prints_a_table(folder, tmp_path, capsys):
     assert set(json.loads(out.read_text())["top1"]) == {"minmax", "percentile"}
 
 
+def test_demo_runs_recipes_on_their_quick_budget(folder, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--bits", "4",
+               "--recipes", "ptq4vit", "--calib-images", "4", "--no-progress", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| ptq4vit |" in text
+    assert "ptq4vit: interval_search num_candidates 100 -> 20; interval_search rounds 3 -> 1" in text
+    record = json.loads(out.read_text())
+    assert record["budget"] == "quick" and set(record["quick"]) == {"ptq4vit"}
+
+
 def test_default_data_is_fashion_mnist(tmp_path, monkeypatch, capsys):
     root = make_fashion_mnist(tmp_path / "fm")
     monkeypatch.setenv("QVIT_FASHION_MNIST", str(root))

@@ -53,6 +53,9 @@ def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
         g.add_argument("--recipe", default="minmax", help="PTQ recipe name or YAML path (see `qvit recipes`)")
         g.add_argument("--w-bits", type=int, default=8)
         g.add_argument("--a-bits", type=int, default=8)
+    g.add_argument("--budget", choices=("full", "quick"), default="quick" if multi else "full",
+                   help="the recipes' published budget, or their shorter 'quick' one (fewer calibration images and "
+                        f"reconstruction/search iterations) (default: {'quick' if multi else 'full'})")
     g.add_argument("--calib-images", type=int, help="calibration images (default: the recipe's, usually 32)")
     g.add_argument("--config", type=Path, help="YAML QuantConfig patch applied on top of the recipe")
 
@@ -111,9 +114,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_recipe(name: str, budget: str):
+    recipe = load_recipe(name)
+    return recipe.quick_variant() if budget == "quick" else recipe
+
+
 def cmd_ptq(args: argparse.Namespace) -> int:
     s = _Session(args)
-    recipe = load_recipe(args.recipe)
+    recipe = _load_recipe(args.recipe, args.budget)
     num = args.calib_images or recipe.calibration.get("num_images", 32)
     calib = s.calib_images(num, recipe.calibration.get("seed", 0))
     loader = s.loader(s.eval_set())
@@ -145,11 +153,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results: Dict[str, Dict[int, float]] = {}
     runs = [(r, b) for r in recipes for b in args.bits]
     calib_cache: Dict[tuple, torch.Tensor] = {}
+    shortened: Dict[str, str] = {}
     from tqdm import tqdm
     bar = tqdm(runs, desc="demo", disable=not s.progress, file=sys.stderr)
     for name, bits in bar:
         bar.set_postfix_str(f"{name} W{bits}A{bits}")
-        recipe = load_recipe(name)
+        recipe = _load_recipe(name, args.budget)
+        if recipe.name != name:
+            shortened[name] = _budget_summary(load_recipe(name))
         num = args.calib_images or recipe.calibration.get("num_images", 32)
         key = (num, recipe.calibration.get("seed", 0))
         if key not in calib_cache:
@@ -161,11 +172,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar.close()
     elapsed = time.time() - t_start
     print(_demo_table(args.model, fp.top1, results, args.bits, fp.n))
+    if shortened:
+        print("\nquick budget (--budget full runs the published one):")
+        for name, summary in shortened.items():
+            print(f"  {name}: {summary}")
     print(f"\n{len(runs)} quantized models evaluated in {elapsed:.0f}s")
     if args.output:
         _write_json(args.output, dict(model=args.model, fp_top1=fp.top1, eval_images=fp.n, bits=list(args.bits),
-                                      top1=results, seconds=elapsed))
+                                      top1=results, seconds=elapsed, budget=args.budget,
+                                      quick=shortened))
     return 0
+
+
+def _budget_summary(recipe) -> str:
+    """``calibration num_images 1024 -> 256; reconstruct iters ... -> 40`` for a recipe with a quick budget."""
+    parts = []
+    for key, value in (recipe.quick.get("calibration") or {}).items():
+        parts.append(f"calibration {key} {recipe.calibration.get(key)} -> {value}")
+    full = {name: params for name, params in recipe.steps}
+    for step, patch in (recipe.quick.get("steps") or {}).items():
+        for key, value in patch.items():
+            parts.append(f"{step} {key} {full[step].get(key, 'default')} -> {value}")
+    return "; ".join(parts)
 
 
 def _demo_table(model: str, fp: float, results: Dict[str, Dict[int, float]], bits: Sequence[int], n: int) -> str:

@@ -22,6 +22,9 @@ from .ptq import quantize_ptq
 from .recipes import list_recipes, load_recipe
 
 DEMO_BITS = (8, 4, 3)
+#: `qvit demo` evaluates on a seeded half of the 10k test images, so that every PTQ recipe at three bit-widths fits
+#: in 10 minutes on 2 cores.
+DEMO_EVAL_IMAGES = 5000
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="classifier size (default: the class count of --data's folder; 10 for Fashion-MNIST)")
     g.add_argument("--data", type=Path,
                    help="ImageNet-style folder (train/ and val/ of class sub-folders); default: Fashion-MNIST")
-    g.add_argument("--eval-images", type=int, help="evaluate on a seeded random subset of this many images")
+    g.add_argument("--eval-images", type=int, help="evaluate on a seeded random subset of this many images "
+                                                  f"(default: all; demo: {DEMO_EVAL_IMAGES})")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_quant_args(demo, multi=True)
     demo.add_argument("--output", type=Path, help="also write the results as JSON")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, eval_images=DEMO_EVAL_IMAGES)
 
     ev = sub.add_parser("eval", help="evaluate a float model")
     _add_model_args(ev)

@@ -394,7 +394,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
         progress: show a tqdm bar over all units' steps.
 
     Only one unit's inputs and targets are held (on the CPU) at a time. Returns one record per unit: ``unit``,
-    ``kind``, ``samples``, ``params``, ``first_loss``, ``last_loss``, ``seconds``.
+    ``kind``, ``samples``, ``params``, ``first_loss``, ``last_loss``, ``capture_seconds`` (filling the cache) and
+    ``seconds`` (capture and training).
     """
     if input_source not in INPUT_SOURCES:
         raise ValueError(f"input_source must be one of {INPUT_SOURCES}, got {input_source!r}")
@@ -421,11 +422,12 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
             bar.set_postfix_str("", refresh=False)
             x, y = unit_data(model, fp_model, unit.name, data, input_source=input_source,
                              batch_size=capture_batch_size)
+            capture_seconds = time.time() - t0
             record = reconstruct_unit(unit.module, x, y, iters=iters, lr=lr, batch_size=batch_size,
                                       qdrop_prob=qdrop_prob, generator=generator, qdrop_generator=qdrop_generator,
                                       progress=bar)
             records.append({"unit": unit.name, "kind": unit.kind, "samples": int(x.shape[0]), **record,
-                            "seconds": time.time() - t0})
+                            "capture_seconds": capture_seconds, "seconds": time.time() - t0})
             del x, y
     finally:
         bar.close()

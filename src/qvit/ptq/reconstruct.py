@@ -14,9 +14,9 @@ with the straight-through gradient of every quantizer. LayerNorm affine paramete
 already reconstructed (I&S stage 3). The target is always the teacher's output.
 
 Options beyond I&S: QDrop (Wei et al. 2022): with ``qdrop_prob = p`` every activation quantizer of the unit being
-trained returns, element-wise with probability ``p``, its float input instead of its quantized output. AdaRound
-(learned rounding with a rounding regularizer, BRECQ/QDrop/APHQ style) and learned activation scales are not
-implemented here.
+trained returns, element-wise with probability ``p``, its float input instead of its quantized output.
+``rounding="adaround"`` (BRECQ/QDrop style, :mod:`qvit.ptq.adaround`) freezes the weights and learns each one's
+rounding direction instead. Learned activation scales are not implemented.
 
 Which quantizers are active during a stage is switched with :func:`quant_state` (scoped) or the ``quant_state``
 recipe step (persistent): I&S stage 1 runs with quantized activations and float weights.
@@ -40,10 +40,13 @@ from tqdm import tqdm
 from ..models.prepare import iter_quantizers
 from ..models.roles import stem_and_head
 from ..quantizers import Quantizer
+from .adaround import AdaRoundWeight, adaround, beta_at, commit
 from .calibrate import Batches, calibrate, iter_batches
 from .steps import PTQContext, register_step
 
 INPUT_SOURCES = ("fp", "quantized")
+ROUNDINGS = ("ste", "adaround")
+ADAROUND_WARMUP = 0.2   # fraction of the iterations without the rounding regularizer (BRECQ)
 UNIT_SETS = ("all", "blocks", "layers")
 BLOCK_TYPES: Tuple[type, ...] = (VitBlock, SwinTransformerBlock, PatchMerging)
 NORM_TYPES: Tuple[type, ...] = tuple(t for t in (
@@ -296,8 +299,9 @@ def unit_loss(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ba
 
 
 def reconstruct_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, iters: int = 1000,
-                     lr: float = 4e-5, batch_size: int = 64, qdrop_prob: float = 0.0,
-                     generator: Optional[torch.Generator] = None, qdrop_generator: Optional[torch.Generator] = None,
+                     lr: float = 4e-5, batch_size: int = 64, qdrop_prob: float = 0.0, rounding: str = "ste",
+                     round_weight: float = 0.01, generator: Optional[torch.Generator] = None,
+                     qdrop_generator: Optional[torch.Generator] = None,
                      progress: Optional[tqdm] = None) -> Dict[str, Any]:
     """Train ``module``'s :func:`trainable_parameters` so that ``module(inputs) ≈ targets``; return a log record.
 
@@ -305,10 +309,15 @@ def reconstruct_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Ten
         module: the unit (quantized modules inside use their quantizers' straight-through gradients).
         inputs: cached unit inputs ``[N, ...]`` (any device; batches are moved to the module's device).
         targets: the teacher's outputs ``[N, ...]``.
-        iters: optimizer steps (Adam, weight decay 0, cosine schedule from ``lr`` to 0 over ``iters``).
+        iters: optimizer steps (Adam, weight decay 0; ``ste``: cosine schedule from ``lr`` to 0 over ``iters``,
+            ``adaround``: constant ``lr``).
         lr: initial learning rate.
         batch_size: samples drawn at random (without replacement) from the cache at every step.
         qdrop_prob: QDrop probability during training (see :func:`qdrop`); 0 is plain STE fine-tuning.
+        rounding: ``ste`` (train weights and biases through the straight-through quantizers, I&S-ViT) or
+            ``adaround`` (freeze them and learn each weight's rounding direction, :mod:`qvit.ptq.adaround`; the
+            hard-rounded weights are written back at the end; BRECQ/QDrop use lr 1e-3 and 20k iterations).
+        round_weight: AdaRound's regularizer weight λ (off during the first 20 % of the iterations).
         generator: CPU generator for the batch draws; ``qdrop_generator``: one on the module's device.
         progress: a tqdm bar advanced once per step.
 
@@ -318,9 +327,26 @@ def reconstruct_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if inputs.shape[0] != targets.shape[0] or inputs.shape[0] == 0:
         raise ValueError(f"need as many inputs as targets (got {inputs.shape[0]} and {targets.shape[0]})")
-    params = [p for _, p in trainable_parameters(module)]
+    with contextlib.ExitStack() as stack:
+        states = stack.enter_context(adaround(module)) if rounding == "adaround" else None
+        params = [st.V for st in states] if states is not None else [p for _, p in trainable_parameters(module)]
+        record = _train_unit(module, inputs, targets, params, iters=iters, lr=lr, batch_size=batch_size,
+                             qdrop_prob=qdrop_prob, states=states, round_weight=round_weight, generator=generator,
+                             qdrop_generator=qdrop_generator, progress=progress)
+        if states:
+            commit(states)
+            record["rounded_up"] = sum(int((st.V >= 0).sum()) for st in states)
+    return record
+
+
+def _train_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, params: List[nn.Parameter], *,
+                iters: int, lr: float, batch_size: int, qdrop_prob: float, states: Optional[List[AdaRoundWeight]],
+                round_weight: float, generator: Optional[torch.Generator],
+                qdrop_generator: Optional[torch.Generator], progress: Optional[tqdm]) -> Dict[str, Any]:
     record: Dict[str, Any] = {"params": sum(p.numel() for p in params), "first_loss": None, "last_loss": None}
     if not params:
         if progress is not None:
@@ -335,7 +361,8 @@ def reconstruct_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     for p in module.parameters():
         p.requires_grad_(id(p) in train_ids)
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
+    # I&S-ViT anneals the weights' lr to 0; BRECQ/QDrop keep AdaRound's lr constant
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0) if not states else None
     every = max(1, iters // 20)
     module.eval()
     try:
@@ -346,9 +373,14 @@ def reconstruct_unit(module: nn.Module, inputs: torch.Tensor, targets: torch.Ten
                 y = targets[idx].to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 loss = lp_loss(module(x), y)
-                loss.backward()
+                total = loss
+                if states and it >= int(ADAROUND_WARMUP * iters):
+                    beta = beta_at(it, iters, ADAROUND_WARMUP)
+                    total = loss + round_weight * sum(st.regularizer(beta) for st in states)
+                total.backward()
                 optimizer.step()
-                scheduler.step()
+                if scheduler is not None:
+                    scheduler.step()
                 if it == 0 or it == iters - 1 or (progress is not None and it % every == 0):
                     value = loss.item()
                     if not math.isfinite(value):
@@ -376,8 +408,8 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
 
 def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_source: str = "fp",
                 iters: int = 1000, lr: float = 4e-5, batch_size: int = 64, units: Union[str, Sequence[str]] = "all",
-                seed: int = 0, qdrop_prob: float = 0.0, capture_batch_size: int = 32,
-                progress: bool = True) -> List[Dict[str, Any]]:
+                seed: int = 0, qdrop_prob: float = 0.0, rounding: str = "ste", round_weight: float = 0.01,
+                capture_batch_size: int = 32, progress: bool = True) -> List[Dict[str, Any]]:
     """Reconstruct the units of a calibrated, prepared ``model`` one after another against the float ``fp_model``.
 
     Args:
@@ -390,6 +422,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
         units: which units (see :func:`find_units`).
         seed: seeds the batch draws and the QDrop masks.
         qdrop_prob: QDrop probability (0: I&S's plain STE fine-tuning).
+        rounding, round_weight: ``ste`` (I&S) or ``adaround`` (learned rounding), see :func:`reconstruct_unit`.
         capture_batch_size: batch size of the forward passes that fill the cache.
         progress: show a tqdm bar over all units' steps.
 
@@ -424,8 +457,8 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
                              batch_size=capture_batch_size)
             capture_seconds = time.time() - t0
             record = reconstruct_unit(unit.module, x, y, iters=iters, lr=lr, batch_size=batch_size,
-                                      qdrop_prob=qdrop_prob, generator=generator, qdrop_generator=qdrop_generator,
-                                      progress=bar)
+                                      qdrop_prob=qdrop_prob, rounding=rounding, round_weight=round_weight,
+                                      generator=generator, qdrop_generator=qdrop_generator, progress=bar)
             records.append({"unit": unit.name, "kind": unit.kind, "samples": int(x.shape[0]), **record,
                             "capture_seconds": capture_seconds, "seconds": time.time() - t0})
             del x, y
@@ -441,7 +474,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
 def reconstruct_step(ctx: PTQContext, input_source: str = "fp", iters: Union[int, Mapping[Any, int]] = 1000,
                      lr: float = 4e-5,
                      batch_size: int = 64, units: Union[str, Sequence[str]] = "all", seed: int = 0,
-                     qdrop_prob: float = 0.0) -> None:
+                     qdrop_prob: float = 0.0, rounding: str = "ste", round_weight: float = 0.01) -> None:
     """Recipe step: :func:`reconstruct` ``ctx.model`` against ``ctx.fp_model`` on ``ctx.calib_data``.
 
     ``iters`` may depend on the activation bit-width (``{6: 200, default: 1000}``, see :meth:`PTQContext.by_bits`).
@@ -452,9 +485,10 @@ def reconstruct_step(ctx: PTQContext, input_source: str = "fp", iters: Union[int
         raise ValueError("the reconstruct step needs the float teacher (PTQContext.fp_model)")
     records = reconstruct(ctx.model, ctx.fp_model, ctx.calib_data, input_source=input_source, iters=iters, lr=lr,
                           batch_size=batch_size, units=units, seed=seed, qdrop_prob=qdrop_prob,
-                          capture_batch_size=ctx.batch_size, progress=ctx.progress)
+                          rounding=rounding, round_weight=round_weight, capture_batch_size=ctx.batch_size,
+                          progress=ctx.progress)
     ctx.log.append({"step": "reconstruct", "input_source": input_source, "iters": iters, "lr": lr,
-                    "batch_size": batch_size, "qdrop_prob": qdrop_prob, "seed": seed,
+                    "batch_size": batch_size, "qdrop_prob": qdrop_prob, "rounding": rounding, "seed": seed,
                     "units": records})
 
 

@@ -136,3 +136,7 @@ class LSQPlusQuantizer(LSQQuantizer):
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.float() * self.expand(self.scale, codes) + self.expand(self.offset, codes)
+
+    def integer_domain(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-rounding position ``(x - beta) / s``."""
+        return (x - self.expand(self.offset, x)) / self.expand(self.scale, x)

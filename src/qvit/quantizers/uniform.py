@@ -95,5 +95,12 @@ class UniformQuantizer(Quantizer):
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes.float() - self.expand(self.zero_point, codes)) * self.expand(self.scale, codes)
 
+    def integer_domain(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-rounding position ``x / s + z`` (shape of ``x``, in integer steps; codes are its clamped rounding).
+
+        Oscillation tracking reads it (distance to the rounding threshold, clipping)."""
+        v = x / self.expand(self.scale, x)
+        return v if self.symmetric else v + self.expand(self.zero_point, x)
+
     def config(self):
         return {**super().config(), "include_zero": self.include_zero}

@@ -1,0 +1,212 @@
+"""Weight-oscillation tracking and iterative freezing (Nagel et al., ICML 2022), in each layer's own integer domain.
+
+For every tracked weight quantizer an :class:`OscillationState` (a submodule ``oscillation`` of the quantizer, so
+its buffers travel with the model's ``state_dict`` and a resumed run continues them) keeps, per weight:
+
+* ``prev_int``: the integer code after the previous optimizer step; ``prev_dir``: the sign of its last change;
+* ``freq``: the EMA ``f ← m·o + (1-m)·f`` of reversals ``o = [sign(x_t - x_{t-1}) = -sign(last change)]``
+  (a weight that reverses every ``k`` steps settles near ``1/k``);
+* ``reversals`` / ``flips``: counts of reversals and of any code change;
+* ``frozen`` / ``frozen_int`` / ``frozen_weight``: the freezing mask, the code a frozen weight keeps, and its latent
+  value at freezing; ``ema_int``: the EMA of the code, whose rounding is the frozen code (Nagel's ``use_ema_x_int``).
+
+:meth:`OscillationTracker.step` runs once per optimizer step, after ``optimizer.step()``, and only in training
+(evaluation forwards never touch the statistics: the reference code counted them and decayed the EMA there). With a
+freezing threshold ``thr > 0``: every weight with ``f > thr`` is frozen (for good) and its frozen code is set to
+``round(ema_int)`` from before this step's update, re-assigned at every step while ``f`` stays above ``thr``;
+``ema_int`` then takes this step's raw code. A new freeze acts from the next forward. Frozen weights: the forward
+uses ``frozen_int`` (dequantized with the current scale, so a learnable scale still trains), and their latent value
+is put back after every optimizer step, so neither the gradient nor weight decay moves them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models.prepare import iter_quantizers
+from ..quantizers import Quantizer
+
+#: VVTQ's reporting threshold on ``f`` (m = 0.001); Nagel's freezing thresholds are 0.1 -> 0.01.
+DEFAULT_REPORT_THRESHOLD = 0.005
+#: log-spaced bins of per-weight reversal counts: 0, 1, 2-3, 4-7, ...
+REVERSAL_BINS = 8
+DISTANCE_BINS = 10
+
+
+class OscillationState(nn.Module):
+    """Per-weight oscillation statistics of one weight tensor (see the module docstring)."""
+
+    def __init__(self, shape: torch.Size, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        kw = dict(device=device)
+        self.register_buffer("prev_int", torch.zeros(shape, **kw))
+        self.register_buffer("prev_dir", torch.zeros(shape, dtype=torch.int8, **kw))
+        self.register_buffer("freq", torch.zeros(shape, **kw))
+        self.register_buffer("reversals", torch.zeros(shape, dtype=torch.int32, **kw))
+        self.register_buffer("flips", torch.zeros(shape, dtype=torch.int32, **kw))
+        self.register_buffer("ema_int", torch.zeros(shape, **kw))
+        self.register_buffer("frozen", torch.zeros(shape, dtype=torch.bool, **kw))
+        self.register_buffer("frozen_int", torch.zeros(shape, **kw))
+        self.register_buffer("frozen_weight", torch.zeros(shape, **kw))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, **kw))
+        self.register_buffer("ema_started", torch.zeros((), dtype=torch.bool, **kw))
+        self.register_buffer("last_reversed", torch.zeros((), **kw))
+        self.register_buffer("last_flipped", torch.zeros((), **kw))
+
+    @torch.no_grad()
+    def update(self, raw_int: torch.Tensor, weight: torch.Tensor, momentum: float, threshold: float) -> None:
+        """One optimizer step: freezing (when ``threshold > 0``), then the reversal statistics."""
+        raw_int = raw_int.float()
+        if threshold > 0:
+            if not bool(self.ema_started):
+                self.ema_int.copy_(raw_int)
+                self.ema_started.fill_(True)
+            hot = self.freq > threshold
+            newly = hot & ~self.frozen
+            self.frozen_weight[newly] = weight[newly]
+            self.frozen |= hot
+            self.frozen_int[hot] = torch.round(self.ema_int[hot])
+            self.ema_int.mul_(1 - momentum).add_(raw_int, alpha=momentum)
+        x_int = torch.where(self.frozen, self.frozen_int, raw_int)
+        if int(self.steps) == 0:
+            self.prev_int.copy_(x_int)
+            self.steps += 1
+            return
+        delta = torch.round(x_int - self.prev_int)
+        direction = torch.sign(delta).to(torch.int8)
+        switched = direction != 0
+        reversed_ = (self.prev_dir * direction) == -1
+        self.freq.mul_(1 - momentum).add_(reversed_.float(), alpha=momentum)
+        self.prev_dir[switched] = direction[switched]
+        self.prev_int.copy_(x_int)
+        self.reversals += reversed_.int()
+        self.flips += switched.int()
+        self.last_reversed.fill_(reversed_.float().mean())
+        self.last_flipped.fill_(switched.float().mean())
+        self.steps += 1
+
+
+def _freeze_hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    state: OscillationState = quantizer.oscillation
+    if not quantizer.enabled or quantizer.observing or not bool(state.frozen.any()):
+        return out
+    frozen_values = quantizer.dequantize(state.frozen_int.to(torch.int32)).to(out.dtype)
+    return torch.where(state.frozen, frozen_values, out)
+
+
+@dataclass
+class TrackedWeight:
+    site: str                   # the weight site, e.g. "blocks.0.mlp.fc1.weight"
+    layer: nn.Module
+    quantizer: Quantizer
+
+    @property
+    def state(self) -> OscillationState:
+        return self.quantizer.oscillation
+
+
+class OscillationTracker:
+    """Tracks (and optionally freezes) the oscillating weights of a prepared model's low-bit weight quantizers.
+
+    Args:
+        model: a prepared model whose weight quantizers are calibrated.
+        momentum: EMA momentum ``m`` of the oscillation frequency (Nagel's CLI default 0.001).
+        max_bits: only weight quantizers with at most this many bits are tracked (8-bit first/last layers are not).
+        report_threshold: ``f`` above which a weight counts as oscillating in :meth:`layer_stats`.
+
+    Attaching is idempotent: an ``oscillation`` state already on a quantizer (e.g. loaded from a checkpoint) is kept.
+    ``freeze_threshold`` (0: no freezing) is set by the training schedule before each :meth:`step`.
+    """
+
+    def __init__(self, model: nn.Module, *, momentum: float = 0.001, max_bits: int = 4,
+                 report_threshold: float = DEFAULT_REPORT_THRESHOLD) -> None:
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.report_threshold = report_threshold
+        self.freeze_threshold = 0.0
+        self.weights: List[TrackedWeight] = []
+        for site, _, q in iter_quantizers(model):
+            if not q.static or q.bits > max_bits:
+                continue
+            layer = model.get_submodule(site.rpartition(".")[0])
+            weight = layer.weight
+            if not hasattr(q, "oscillation"):
+                q.oscillation = OscillationState(weight.shape, weight.device)
+                q.register_forward_hook(_freeze_hook)
+            self.weights.append(TrackedWeight(site, layer, q))
+        if not self.weights:
+            raise ValueError(f"no weight quantizer with at most {max_bits} bits to track")
+
+    def __iter__(self) -> Iterator[TrackedWeight]:
+        return iter(self.weights)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()``: restore frozen latent weights, freeze, update statistics."""
+        for tw in self.weights:
+            state, weight = tw.state, tw.layer.weight
+            if bool(state.frozen.any()):
+                weight.data[state.frozen] = state.frozen_weight[state.frozen].to(weight.dtype)
+            raw = tw.quantizer.quantize(weight.detach())
+            state.update(raw, weight.detach(), self.momentum, self.freeze_threshold)
+
+    # ------------------------------------------------------------------ reports
+    @torch.no_grad()
+    def layer_stats(self) -> List[Dict[str, Any]]:
+        """Per tracked weight: ``site``, ``n``, ``bits``, ``osc_fraction`` (``f > report_threshold``), ``mean_freq``,
+        ``frozen_fraction``, ``reversed_last_step``/``flipped_last_step`` (fractions), ``reversal_hist``
+        (log bins 0, 1, 2-3, 4-7, ..., the last open), and, when the quantizer exposes ``integer_domain``,
+        ``clipped_fraction`` and ``distance_hist`` (``0.5 - |v - round(v)|`` in ``DISTANCE_BINS`` bins of [0, 0.5])."""
+        rows = []
+        for tw in self.weights:
+            s = tw.state
+            n = s.freq.numel()
+            rev = s.reversals.float()
+            edges = [0.0] + [float(2 ** i) for i in range(REVERSAL_BINS - 1)]
+            hist = [int(((rev >= lo) & (rev < hi)).sum()) for lo, hi in zip(edges, edges[1:])]
+            hist.append(int((rev >= edges[-1]).sum()))
+            row: Dict[str, Any] = dict(
+                site=tw.site, n=n, bits=tw.quantizer.bits, steps=int(s.steps),
+                osc_fraction=float((s.freq > self.report_threshold).float().mean()),
+                mean_freq=float(s.freq.mean()), frozen_fraction=float(s.frozen.float().mean()),
+                reversed_last_step=float(s.last_reversed), flipped_last_step=float(s.last_flipped),
+                reversal_hist=hist)
+            pos = grid_position(tw.quantizer, tw.layer.weight.detach())
+            if pos is not None:
+                qmin, qmax = tw.quantizer.code_range()
+                clipped = (pos < qmin - 0.5) | (pos > qmax + 0.5)
+                dist = (0.5 - (pos - torch.round(pos)).abs())[~clipped]
+                row["clipped_fraction"] = float(clipped.float().mean())
+                row["distance_hist"] = torch.histc(dist, bins=DISTANCE_BINS, min=0.0, max=0.5).int().tolist()
+            rows.append(row)
+        return rows
+
+    def summary(self) -> Dict[str, float]:
+        """Weight-count-weighted totals over all tracked layers: ``osc_fraction``, ``frozen_fraction``."""
+        rows = self.layer_stats()
+        total = sum(r["n"] for r in rows)
+        return {"osc_fraction": sum(r["osc_fraction"] * r["n"] for r in rows) / total,
+                "frozen_fraction": sum(r["frozen_fraction"] * r["n"] for r in rows) / total,
+                "mean_freq": sum(r["mean_freq"] * r["n"] for r in rows) / total}
+
+
+def grid_position(quantizer: Quantizer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The pre-rounding position of ``x`` in the quantizer's integer steps (None if the family has no such notion)."""
+    fn = getattr(quantizer, "integer_domain", None)
+    return fn(x) if fn is not None else None
+
+
+def cosine_schedule(step: int, total: int, start: float, end: float, begin: float = 0.25,
+                    before: float = 0.0) -> float:
+    """``before`` until ``begin * total``, then a cosine from ``start`` to ``end`` at ``total`` (Nagel's
+    ``CosineTempDecay`` for the freezing threshold, and the dampening weight's ramp 0 -> 0.1)."""
+    t0 = int(begin * total)
+    if step < t0:
+        return before
+    rel = min(1.0, (step - t0) / max(1, total - t0))
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * rel))

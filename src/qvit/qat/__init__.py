@@ -3,3 +3,5 @@ from .oscillation import OscillationState, OscillationTracker, cosine_schedule
 from .regularizers import bin_regularizer, dampening_loss
 from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
 from .cga import ConfidenceGuidedAnnealing, confidence_mask
+from .callbacks import Callback, create_callback, list_callbacks, register_callback
+from .trainer import QATTrainer, TrainConfig, copy_teacher

@@ -1,0 +1,171 @@
+"""QAT callbacks: the pieces a recipe composes around the training loop (tracking, dampening, freezing, ...).
+
+A callback is registered by name (:func:`register_callback`) and built from a recipe entry ``{name: {options}}``.
+The trainer calls, in this order at every optimizer step: :meth:`Callback.extra_loss` (terms added to the task
+loss), :meth:`Callback.after_backward` (before ``optimizer.step()``: gradient masks), :meth:`Callback.after_step`
+(after it: restores, trackers); and :meth:`Callback.before_eval` before every evaluation. ``trainer.step`` is the
+number of optimizer steps done so far and ``trainer.total_steps`` the schedule's length.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type
+
+import torch
+
+from .cga import ConfidenceGuidedAnnealing
+from .oscillation import OscillationTracker, cosine_schedule
+from .regularizers import bin_regularizer, dampening_loss
+
+_CALLBACKS: Dict[str, Type["Callback"]] = {}
+
+
+def register_callback(name: str) -> Callable[[Type["Callback"]], Type["Callback"]]:
+    def wrap(cls: Type["Callback"]) -> Type["Callback"]:
+        if name in _CALLBACKS and _CALLBACKS[name] is not cls:
+            raise ValueError(f"QAT callback {name!r} is already registered")
+        _CALLBACKS[name] = cls
+        cls.name = name
+        return cls
+    return wrap
+
+
+def create_callback(name: str, options: Optional[Mapping[str, Any]] = None) -> "Callback":
+    try:
+        cls = _CALLBACKS[name]
+    except KeyError:
+        raise KeyError(f"unknown QAT callback {name!r}; known: {', '.join(sorted(_CALLBACKS))}") from None
+    try:
+        return cls(**dict(options or {}))
+    except TypeError as err:
+        raise TypeError(f"QAT callback {name!r}: {err}") from None
+
+
+def list_callbacks() -> List[str]:
+    return sorted(_CALLBACKS)
+
+
+class Callback:
+    """Base class: every hook is a no-op."""
+
+    name = "callback"
+
+    def setup(self, trainer: Any) -> None:
+        """Once, after the model is prepared and calibrated and before any checkpoint is loaded."""
+
+    def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self, trainer: Any) -> None:
+        pass
+
+    def after_step(self, trainer: Any) -> None:
+        pass
+
+    def before_eval(self, trainer: Any) -> None:
+        pass
+
+    def metrics(self, trainer: Any) -> Dict[str, float]:
+        """Scalars logged with the training metrics."""
+        return {}
+
+
+@register_callback("track_oscillations")
+class TrackOscillations(Callback):
+    """Nagel's integer-domain oscillation statistics (:class:`OscillationTracker`), every optimizer step.
+
+    Freezing (Nagel's iterative weight freezing) is on when ``freeze_threshold > 0``: the threshold is 0 for the first
+    ``start`` fraction of the steps, then decays by cosine from ``freeze_threshold`` to ``freeze_threshold_final``.
+    """
+
+    def __init__(self, momentum: float = 0.001, max_bits: int = 4, report_threshold: float = 0.005,
+                 freeze_threshold: float = 0.0, freeze_threshold_final: float = 0.0, start: float = 0.25) -> None:
+        self.options = dict(momentum=momentum, max_bits=max_bits, report_threshold=report_threshold)
+        self.freeze = (freeze_threshold, freeze_threshold_final, start)
+        self.tracker: Optional[OscillationTracker] = None
+
+    def setup(self, trainer: Any) -> None:
+        self.tracker = OscillationTracker(trainer.unwrapped_model, **self.options)
+        trainer.oscillation_tracker = self.tracker
+
+    def after_step(self, trainer: Any) -> None:
+        thr, final, start = self.freeze
+        if thr > 0:
+            self.tracker.freeze_threshold = cosine_schedule(trainer.step, trainer.total_steps, thr, final, start)
+        self.tracker.step()
+
+    def metrics(self, trainer: Any) -> Dict[str, float]:
+        out = self.tracker.summary()
+        out["freeze_threshold"] = self.tracker.freeze_threshold
+        return out
+
+
+class _ScheduledWeight(Callback):
+    """A loss term whose weight is 0 for the first ``start`` fraction of the steps, then rises by cosine to ``weight``."""
+
+    def __init__(self, weight: float, start: float = 0.25) -> None:
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        self.weight, self.start = weight, start
+        self.current = 0.0
+        self.last_value = 0.0
+
+    def term(self, trainer: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
+        self.current = cosine_schedule(trainer.step, trainer.total_steps, 0.0, self.weight, self.start)
+        if self.current <= 0:
+            return None
+        value = self.term(trainer)
+        self.last_value = float(value.detach())
+        return self.current * value
+
+    def metrics(self, trainer: Any) -> Dict[str, float]:
+        return {f"{self.name}_weight": self.current, f"{self.name}_value": self.last_value}
+
+
+@register_callback("dampen")
+class Dampen(_ScheduledWeight):
+    """Nagel's oscillation dampening ``λ(t)·L_dampen`` (λ: 0 -> ``weight`` = 0.1 by cosine after 25 %)."""
+
+    def __init__(self, weight: float = 0.1, start: float = 0.25, aggregation: str = "kernel_mean") -> None:
+        super().__init__(weight, start)
+        self.aggregation = aggregation
+
+    def term(self, trainer: Any) -> torch.Tensor:
+        return dampening_loss(trainer.unwrapped_model, self.aggregation)
+
+
+@register_callback("bin_regularizer")
+class BinRegularizer(_ScheduledWeight):
+    """VVTQ's variation-aware bin regularizer (λ: 0 -> 0.01 by cosine after 25 %)."""
+
+    def __init__(self, weight: float = 0.01, start: float = 0.25) -> None:
+        super().__init__(weight, start)
+
+    def term(self, trainer: Any) -> torch.Tensor:
+        return bin_regularizer(trainer.unwrapped_model)
+
+
+@register_callback("confidence_guided_annealing")
+class CGACallback(Callback):
+    """OFQ's CGA on the named layers' weights (see :class:`ConfidenceGuidedAnnealing`)."""
+
+    def __init__(self, boundary_range: float = 0.005,
+                 suffixes: tuple = ("fc1", "fc2", "proj", "v", "qkv", "reduction"),
+                 within: Optional[str] = "blocks") -> None:
+        self.options = dict(boundary_range=boundary_range, suffixes=tuple(suffixes), within=within)
+        self.cga: Optional[ConfidenceGuidedAnnealing] = None
+        self.trainable = 1.0
+
+    def setup(self, trainer: Any) -> None:
+        self.cga = ConfidenceGuidedAnnealing(trainer.unwrapped_model, **self.options)
+
+    def after_backward(self, trainer: Any) -> None:
+        self.trainable = self.cga.before_step()
+
+    def after_step(self, trainer: Any) -> None:
+        self.cga.after_step()
+
+    def metrics(self, trainer: Any) -> Dict[str, float]:
+        return {"cga_trainable_fraction": self.trainable}

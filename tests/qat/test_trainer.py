@@ -1,0 +1,92 @@
+"""The QAT loop: it learns, it checkpoints, and a resumed run ends with the same weights."""
+import pytest
+import timm
+import torch
+from torch.utils.data import TensorDataset
+
+import qvit
+from qvit.qat import Callback, QATTrainer, TrainConfig, copy_teacher, create_callback
+
+LSQ = {"weight": {"kind": "lsq", "granularity": "tensor"}, "activation": {"kind": "lsq", "symmetric": True, "init": "minmax"},
+       "w_bits": 4, "a_bits": 4}
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    fp = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 4, (48,), generator=gen)
+    teacher = copy_teacher(fp)
+    model = qvit.prepare(fp, LSQ)
+    qvit.calibrate(model, x[:16], progress=False)
+    return model, teacher, TensorDataset(x, y)
+
+
+def _config(**kw):
+    base = dict(epochs=2, batch_size=16, lr=1e-3, quant_lr=1e-4, loss="kd", augment=True, checkpoint_every=2,
+                log_every=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _task_loss(model, data):
+    x, y = data.tensors
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+
+
+def test_a_few_qat_steps_lower_the_loss(tmp_path):
+    model, teacher, data = _setup()
+    before = _task_loss(model, data)
+    trainer = QATTrainer(model, teacher, data, config=_config(epochs=4, augment=False, loss="ce"), out_dir=tmp_path,
+                         progress=False, callbacks=[create_callback("track_oscillations", {"max_bits": 4})])
+    result = trainer.fit()
+    assert result["steps"] == 12
+    assert _task_loss(model, data) < before - 0.05
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 13 and "osc_fraction" in rows[0] and "lr" in rows[0]
+    assert (tmp_path / "oscillation.jsonl").read_text().count("\n") == 4      # one per epoch
+
+
+class _Interrupt(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self, trainer):
+        if trainer.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    callbacks = lambda: [create_callback("track_oscillations", {"freeze_threshold": 0.05}),  # noqa: E731
+                         create_callback("dampen", {"weight": 0.1})]
+    model_a, teacher, data = _setup()
+    QATTrainer(model_a, teacher, data, config=_config(), out_dir=tmp_path / "a", progress=False,
+               callbacks=callbacks()).fit()
+
+    model_b, teacher, data = _setup()
+    with pytest.raises(KeyboardInterrupt):       # killed mid-epoch 2, after the step-4 checkpoint
+        QATTrainer(model_b, teacher, data, config=_config(), out_dir=tmp_path / "b", progress=False,
+                   callbacks=callbacks() + [_Interrupt(at=5)]).fit()
+    model_c, teacher, data = _setup()
+    trainer = QATTrainer(model_c, teacher, data, config=_config(), out_dir=tmp_path / "b", progress=False,
+                         callbacks=callbacks())
+    assert trainer.fit(resume=True)["steps"] == 6
+    sa, sc = model_a.state_dict(), model_c.state_dict()
+    assert sa.keys() == sc.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sc[k]), k
+
+
+def test_trainer_refuses_to_overwrite_and_checks_settings(tmp_path):
+    model, teacher, data = _setup()
+    QATTrainer(model, teacher, data, config=_config(epochs=1), out_dir=tmp_path, progress=False).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        QATTrainer(model, teacher, data, config=_config(epochs=1), out_dir=tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="mse")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"epochs": 1, "lr_decay": 2})
+    with pytest.raises(ValueError, match="teacher"):
+        QATTrainer(model, None, data, config=_config(), out_dir=tmp_path / "x", progress=False)

@@ -95,3 +95,19 @@ def test_recipes_and_describe_commands(capsys):
     assert main(["describe", "--model", "test_vit", "--w-bits", "4", "--a-bits", "4"]) == 0
     text = capsys.readouterr().out
     assert "blocks.0.mlp.fc2.input" in text and "stem.weight" in text
+
+
+def test_qat_end_to_end_and_resume(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["qat", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--recipe", "lsq",
+            "--w-bits", "4", "--a-bits", "4", "--epochs", "1", "--train-batch-size", "4", "--calib-images", "4",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "lsq W4A4" in text and (out / "result.json").exists() and (out / "metrics.csv").exists()
+    assert main(args) == 2                                   # refuses to overwrite a run
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0                    # already finished: resumes at the end
+    assert main(["qat", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--recipe", "minmax",
+                 "--no-progress"]) == 2
+    assert "runs: lsq" in capsys.readouterr().err

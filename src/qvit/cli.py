@@ -147,6 +147,38 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    from .qat import quantize_qat
+    s = _Session(args)
+    recipe = _load_recipe(args.recipe, args.budget)
+    if args.calib_images:
+        recipe.calibration = {**recipe.calibration, "num_images": args.calib_images}
+    if recipe.kind != "qat":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe; `qvit qat` runs: "
+                         f"{', '.join(list_recipes('qat'))}")
+    train_set = subset(build_dataset(args.data, "train", s.transform), args.train_images, s.seed)
+    loader = s.loader(s.eval_set(materialize=True))
+    fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.train_batch_size),
+                                   ("warmup_epochs", args.warmup_epochs), ("seed", args.train_seed))
+                 if v is not None}
+    out_dir = args.out or Path("outputs") / "qat" / f"{recipe.name}_w{args.w_bits}a{args.a_bits}"
+    qmodel, result = quantize_qat(s.model, recipe, train_set, eval_loader=loader, w_bits=args.w_bits,
+                                  a_bits=args.a_bits, overrides=_overrides(args), train_overrides=overrides,
+                                  out_dir=out_dir, resume=args.resume, progress=s.progress)
+    q = evaluate(qmodel, loader, progress=False)
+    print(f"{args.model} FP32:                {fp}")
+    print(f"{args.model} {recipe.name} W{args.w_bits}A{args.a_bits}: {q}  ({result['steps']} steps, "
+          f"{result['seconds']:.0f}s; run directory {out_dir})")
+    record = dict(model=args.model, recipe=recipe.name, recipe_version=recipe.version, w_bits=args.w_bits,
+                  a_bits=args.a_bits, fp_top1=fp.top1, top1=q.top1, eval_images=q.n, train_overrides=overrides,
+                  **result)
+    _write_json(Path(out_dir) / "result.json", record)
+    if args.output:
+        _write_json(args.output, record)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.time()
     s = _Session(args)
@@ -218,10 +250,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from .ptq import recipe_config
     model = build_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                         num_classes=args.num_classes)
-    config = recipe_config(load_recipe(args.recipe), args.w_bits, args.a_bits, _overrides(args))
+    config = load_recipe(args.recipe).quant_config(args.w_bits, args.a_bits, _overrides(args))
     prepare(model, config)
     print(format_sites(describe(model)))
     return 0
@@ -253,6 +284,22 @@ def build_parser() -> argparse.ArgumentParser:
     ptq.add_argument("--output", type=Path, help="also write the result as JSON")
     ptq.set_defaults(func=cmd_ptq)
 
+    qat = sub.add_parser("qat", help="quantization-aware training with a recipe (lsq, nagel_dampen, ...)")
+    _add_model_args(qat)
+    _add_quant_args(qat)
+    qat.set_defaults(recipe="lsq")
+    t = qat.add_argument_group("training (defaults: the recipe's)")
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--warmup-epochs", type=float)
+    t.add_argument("--train-batch-size", type=int)
+    t.add_argument("--train-images", type=int, help="train on a seeded subset of this many images")
+    t.add_argument("--train-seed", type=int, help="seed of the data order and augmentation")
+    t.add_argument("--out", type=Path, help="run directory (default: outputs/qat/<recipe>_w<W>a<A>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    qat.add_argument("--output", type=Path, help="also write the result as JSON")
+    qat.set_defaults(func=cmd_qat)
+
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)
 
@@ -279,7 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     try:
         return args.func(args)
-    except (DatasetMissingError, FileNotFoundError, KeyError, ValueError, WeightsUnavailableError,
+    except (DatasetMissingError, FileNotFoundError, FileExistsError, KeyError, ValueError, WeightsUnavailableError,
             NotCalibratedError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"qvit {args.command}: error: {msg}", file=sys.stderr)

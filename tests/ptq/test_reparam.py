@@ -8,7 +8,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 import qvit
 import qvit.ptq.reparam  # noqa: F401  (registers the reparameterize_post_ln step)
-from qvit.ptq import calibrate, recipe_config
+from qvit.ptq import calibrate
 from qvit.ptq.reparam import (find_post_ln_pairs, match_reparameterized_state, reparameterize_pair,
                               reparameterize_post_ln, target_scale)
 from qvit.quantizers import create_quantizer
@@ -31,7 +31,7 @@ def randomize_norms(model):
 
 
 def prepared(fp, recipe="repq"):
-    return qvit.prepare(fp, recipe_config(load_recipe(recipe), w_bits=4, a_bits=4), inplace=False)
+    return qvit.prepare(fp, load_recipe(recipe).quant_config(w_bits=4, a_bits=4), inplace=False)
 
 
 def set_enabled(model, flag):

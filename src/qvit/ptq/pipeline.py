@@ -3,27 +3,14 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ..config import QuantConfig
 from ..models.prepare import prepare
 from ..recipes import Recipe, load_recipe
 from .steps import PTQContext, get_step
-
-
-def recipe_config(recipe: Recipe, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
-                  overrides: Optional[Mapping[str, Any]] = None) -> QuantConfig:
-    """The recipe's QuantConfig with the requested bit-widths and any user patch applied."""
-    config = QuantConfig.from_dict(recipe.config)
-    patch: Dict[str, Any] = dict(overrides or {})
-    if w_bits is not None:
-        patch["w_bits"] = w_bits
-    if a_bits is not None:
-        patch["a_bits"] = a_bits
-    return config.merged(patch) if patch else config
 
 
 def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch.Tensor, *,
@@ -39,7 +26,7 @@ def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.kind != "ptq":
         raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a PTQ one")
-    config = recipe_config(recipe, w_bits, a_bits, overrides)
+    config = recipe.quant_config(w_bits, a_bits, overrides)
     fp_model = model if not inplace else copy.deepcopy(model)
     qmodel = prepare(model if inplace else copy.deepcopy(model), config)
     fp_model.eval()

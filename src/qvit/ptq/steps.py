@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..recipes import resolve_by_bits
 from .calibrate import calibrate
 
 _STEPS: Dict[str, Callable[..., None]] = {}
@@ -33,14 +34,7 @@ class PTQContext:
         ``value`` is a plain number, or a mapping from bit-widths to values with an optional ``default``
         (``{6: 200, 8: 200, default: 1000}``: I&S-ViT's iterations per block).
         """
-        if not isinstance(value, Mapping):
-            return value
-        table = {str(k): v for k, v in value.items()}
-        if str(self.a_bits) in table:
-            return table[str(self.a_bits)]
-        if "default" in table:
-            return table["default"]
-        raise ValueError(f"no value for {self.a_bits}-bit activations in {dict(value)} (add a 'default')")
+        return resolve_by_bits(value, self.a_bits)
 
 
 def register_step(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

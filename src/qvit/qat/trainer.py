@@ -235,6 +235,8 @@ class QATTrainer:
 
     def save_checkpoint(self) -> Path:
         path = self.out_dir / "checkpoints" / f"step_{self.state.step:08d}"
+        if path.exists():                             # this step is saved already (a finished run resumed)
+            return path
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
+
+from ..config import QuantConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent
 KINDS = ("ptq", "qat")
@@ -22,7 +24,9 @@ class Recipe:
         description: one line for ``qvit recipes``.
         config: a ``QuantConfig`` patch (``w_bits``/``a_bits`` usually come from the user).
         calibration: ``num_images`` and ``seed`` of the calibration set.
-        steps: ordered ``(step name, parameters)`` pairs run by the pipeline.
+        steps: ordered ``(step name, parameters)`` pairs run by the PTQ pipeline.
+        train: QAT only: training settings (``qvit.qat.TrainConfig`` keys).
+        callbacks: QAT only: ordered ``(callback name, options)`` pairs (``qvit.qat.list_callbacks()``).
         quick: a shorter budget for demos and smoke runs: ``calibration`` keys and per-step parameter patches
             (``{"calibration": {"num_images": 128}, "steps": {"reconstruct": {"iters": 20}}}``); see :meth:`quick_variant`.
     """
@@ -35,10 +39,13 @@ class Recipe:
     calibration: Dict[str, Any] = field(default_factory=dict)
     steps: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
     quick: Dict[str, Any] = field(default_factory=dict)
+    train: Dict[str, Any] = field(default_factory=dict)
+    callbacks: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
-        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps", "quick"}
+        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps", "quick",
+                              "train", "callbacks"}
         if unknown:
             raise ValueError(f"recipe {data.get('name', '?')!r}: unknown keys {sorted(unknown)}")
         if "name" not in data:
@@ -46,18 +53,22 @@ class Recipe:
         kind = data.get("kind", "ptq")
         if kind not in KINDS:
             raise ValueError(f"recipe {data['name']!r}: kind must be one of {KINDS}, got {kind!r}")
-        steps = []
-        for entry in data.get("steps") or []:
-            if isinstance(entry, str):
-                steps.append((entry, {}))
-            elif isinstance(entry, Mapping) and len(entry) == 1:
-                (name, params), = entry.items()
-                steps.append((name, dict(params or {})))
-            else:
-                raise ValueError(f"recipe {data['name']!r}: a step is a name or a one-key mapping, got {entry!r}")
         return cls(name=data["name"], version=int(data.get("version", 1)), kind=kind,
                    description=data.get("description", ""), config=dict(data.get("config") or {}),
-                   calibration=dict(data.get("calibration") or {}), steps=steps, quick=dict(data.get("quick") or {}))
+                   calibration=dict(data.get("calibration") or {}), steps=_entries(data, "steps"),
+                   quick=dict(data.get("quick") or {}), train=dict(data.get("train") or {}),
+                   callbacks=_entries(data, "callbacks"))
+
+    def quant_config(self, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
+                     overrides: Optional[Mapping[str, Any]] = None) -> QuantConfig:
+        """The recipe's QuantConfig with the requested bit-widths and any user patch applied."""
+        config = QuantConfig.from_dict(self.config)
+        patch: Dict[str, Any] = dict(overrides or {})
+        if w_bits is not None:
+            patch["w_bits"] = w_bits
+        if a_bits is not None:
+            patch["a_bits"] = a_bits
+        return config.merged(patch) if patch else config
 
     def to_dict(self) -> Dict[str, Any]:
         out = dict(name=self.name, version=self.version, kind=self.kind, description=self.description,
@@ -65,6 +76,10 @@ class Recipe:
                    steps=[{name: params} for name, params in self.steps])
         if self.quick:
             out["quick"] = self.quick
+        if self.train:
+            out["train"] = self.train
+        if self.callbacks:
+            out["callbacks"] = [{name: params} for name, params in self.callbacks]
         return out
 
     def quick_variant(self) -> "Recipe":
@@ -75,7 +90,7 @@ class Recipe:
         """
         if not self.quick:
             return self
-        unknown = set(self.quick) - {"calibration", "steps"}
+        unknown = set(self.quick) - {"calibration", "steps", "train"}
         if unknown:
             raise ValueError(f"recipe {self.name!r}: unknown quick keys {sorted(unknown)}")
         patches = dict(self.quick.get("steps") or {})
@@ -85,7 +100,34 @@ class Recipe:
         steps = [(name, {**params, **(patches.get(name) or {})}) for name, params in self.steps]
         return Recipe(name=f"{self.name}-quick", version=self.version, kind=self.kind, description=self.description,
                       config=self.config, calibration={**self.calibration, **(self.quick.get("calibration") or {})},
-                      steps=steps)
+                      steps=steps, train={**self.train, **(self.quick.get("train") or {})}, callbacks=self.callbacks)
+
+
+def resolve_by_bits(value: Any, bits: int) -> Any:
+    """A recipe value that may depend on the bit-width: a plain value, or a mapping from bit-widths to values with an
+    optional ``default`` (``{6: 200, default: 1000}``)."""
+    if not isinstance(value, Mapping):
+        return value
+    table = {str(k): v for k, v in value.items()}
+    if str(bits) in table:
+        return table[str(bits)]
+    if "default" in table:
+        return table["default"]
+    raise ValueError(f"no value for {bits} bits in {dict(value)} (add a 'default')")
+
+
+def _entries(data: Mapping[str, Any], key: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """``[name | {name: params}]`` -> ``[(name, params)]``."""
+    out = []
+    for entry in data.get(key) or []:
+        if isinstance(entry, str):
+            out.append((entry, {}))
+        elif isinstance(entry, Mapping) and len(entry) == 1:
+            (name, params), = entry.items()
+            out.append((name, dict(params or {})))
+        else:
+            raise ValueError(f"recipe {data.get('name')!r}: each of {key} is a name or a one-key mapping, got {entry!r}")
+    return out
 
 
 def list_recipes(kind: Union[str, None] = None) -> List[str]:

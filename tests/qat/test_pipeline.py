@@ -1,0 +1,53 @@
+"""Every QAT recipe trains end to end on timm's test_vit."""
+import json
+
+import pytest
+import timm
+import torch
+from torch.utils.data import TensorDataset
+
+import qvit
+from qvit.qat import cosine_schedule, quantize_qat
+from qvit.recipes import list_recipes, load_recipe
+
+
+def _data(n: int = 32):
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+
+
+@pytest.mark.parametrize("name", list_recipes("qat"))
+def test_every_qat_recipe_runs(name, tmp_path):
+    fp = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
+    data = _data()
+    recipe = load_recipe(name)
+    recipe.calibration = {**recipe.calibration, "num_images": 8}
+    qmodel, result = quantize_qat(fp, recipe, data, eval_loader=[data.tensors], w_bits=3, a_bits=3,
+                                  train_overrides={"epochs": 2, "batch_size": 8, "warmup_epochs": 0,
+                                                                "log_every": 1},
+                                  out_dir=tmp_path, progress=False)
+    assert result["steps"] == 8 and len(result["history"]) == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and "osc_fraction" in rows[-1]
+    callbacks = dict(recipe.callbacks)
+    if "dampen" in callbacks:      # the weight used by step s was scheduled at s - 1: 0 until 25 %, cosine to 0.1
+        assert [r["dampen_weight"] for r in rows] == pytest.approx(
+            [cosine_schedule(s - 1, 8, 0.0, 0.1) for s in range(1, 9)])
+        assert rows[0]["dampen_weight"] == 0.0 and rows[-1]["dampen_weight"] > 0.09
+    if callbacks["track_oscillations"].get("freeze_threshold"):
+        assert [r["freeze_threshold"] for r in rows] == pytest.approx(
+            [cosine_schedule(s, 8, 0.1, 0.011) for s in range(1, 9)])
+        assert rows[0]["freeze_threshold"] == 0.0 and rows[-1]["freeze_threshold"] == pytest.approx(0.011)
+    rows_sites = {r.site: r for r in qvit.describe(qmodel)}
+    assert rows_sites["blocks.0.mlp.fc1.weight"].bits == 3 and rows_sites["head.weight"].bits == 8
+
+
+def test_qat_rejects_a_ptq_recipe(tmp_path):
+    with pytest.raises(ValueError, match="not a QAT one"):
+        quantize_qat(timm.create_model("test_vit", img_size=32), "minmax", _data(), out_dir=tmp_path)
+
+
+def test_per_bit_training_settings_resolve_by_weight_bits():
+    from qvit.recipes import resolve_by_bits
+    lr = load_recipe("nagel_freeze").train["lr"]
+    assert resolve_by_bits(lr, 3) == 0.01 and resolve_by_bits(lr, 4) == 0.0033 and resolve_by_bits(lr, 2) == 0.0033

@@ -108,6 +108,13 @@ def test_qat_end_to_end_and_resume(folder, tmp_path, capsys):
     assert main(args) == 2                                   # refuses to overwrite a run
     assert "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0                    # already finished: resumes at the end
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "# QAT run report" in text and "| blocks.0.mlp.fc1.weight |" in text
+    assert {p.name for p in (out / "report").iterdir()} >= {"report.md", "loss.png", "oscillation_per_layer.png",
+                                                             "frequency_histogram.png"}
+    assert main(["report", str(tmp_path)]) == 2
     assert main(["qat", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--recipe", "minmax",
                  "--no-progress"]) == 2
     assert "runs: lsq" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``qvit`` command line: ``qvit demo``, ``qvit eval``, ``qvit ptq``, ``qvit recipes``, ``qvit describe``."""
+"""The ``qvit`` command line: ``demo``, ``eval``, ``ptq``, ``qat``, ``report``, ``recipes``, ``describe``."""
 from __future__ import annotations
 
 import argparse
@@ -179,6 +179,14 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.qat_report import write_report
+    path = write_report(args.run_dir, args.out)
+    print(path.read_text())
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.time()
     s = _Session(args)
@@ -299,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     qat.add_argument("--output", type=Path, help="also write the result as JSON")
     qat.set_defaults(func=cmd_qat)
+
+    rep = sub.add_parser("report", help="tables and plots of a QAT run directory (oscillation over training)")
+    rep.add_argument("run_dir", type=Path, help="the --out directory of a `qvit qat` run")
+    rep.add_argument("--out", type=Path, help="where to write report.md and the plots (default: RUN_DIR/report)")
+    rep.set_defaults(func=cmd_report)
 
     rec = sub.add_parser("recipes", help="list the shipped recipes")
     rec.set_defaults(func=cmd_recipes)

@@ -97,7 +97,7 @@ def test_step_parameters_by_activation_bits():
     assert ctx.by_bits({"6": 7}) == 7
     ctx.a_bits = 3
     assert ctx.by_bits({6: 200, "default": 1000}) == 1000
-    with pytest.raises(ValueError, match="3-bit"):
+    with pytest.raises(ValueError, match="no value for 3 bits"):
         ctx.by_bits({6: 200})
 
 

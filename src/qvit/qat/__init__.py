@@ -6,3 +6,4 @@ from .cga import ConfidenceGuidedAnnealing, confidence_mask
 from .callbacks import Callback, create_callback, list_callbacks, register_callback
 from .trainer import QATTrainer, TrainConfig, copy_teacher
 from .pipeline import quantize_qat
+from .batchnorm import reestimate_bn

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 import torch
 
+from .batchnorm import reestimate_bn
 from .cga import ConfidenceGuidedAnnealing
 from .oscillation import OscillationTracker, cosine_schedule
 from .regularizers import bin_regularizer, dampening_loss
@@ -169,3 +170,25 @@ class CGACallback(Callback):
 
     def metrics(self, trainer: Any) -> Dict[str, float]:
         return {"cga_trainable_fraction": self.trainable}
+
+
+@register_callback("bn_reestimation")
+class BNReestimation(Callback):
+    """Nagel's batch-norm re-estimation before every evaluation, on ``num_batches`` (50) training batches drawn in a
+    fixed seeded order (so it changes neither the data order nor any random state of training)."""
+
+    def __init__(self, num_batches: int = 50) -> None:
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.num_batches = num_batches
+        self.used = 0
+
+    def before_eval(self, trainer: Any) -> None:
+        from torch.utils.data import DataLoader
+        gen = torch.Generator().manual_seed(trainer.config.seed + 7919)
+        order = torch.randperm(len(trainer.train_set), generator=gen).tolist()
+        loader = DataLoader(trainer.train_set, batch_size=trainer.config.batch_size, sampler=order)
+        self.used = reestimate_bn(trainer.unwrapped_model, loader, self.num_batches)
+
+    def metrics(self, trainer: Any) -> Dict[str, float]:
+        return {"bn_batches": float(self.used)}

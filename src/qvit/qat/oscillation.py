@@ -35,6 +35,8 @@ DEFAULT_REPORT_THRESHOLD = 0.005
 #: log-spaced bins of per-weight reversal counts: 0, 1, 2-3, 4-7, ...
 REVERSAL_BINS = 8
 DISTANCE_BINS = 10
+#: edges of the oscillation-frequency histogram (the last bin is open)
+FREQ_EDGES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 class OscillationState(nn.Module):
@@ -160,7 +162,8 @@ class OscillationTracker:
     def layer_stats(self) -> List[Dict[str, Any]]:
         """Per tracked weight: ``site``, ``n``, ``bits``, ``osc_fraction`` (``f > report_threshold``), ``mean_freq``,
         ``frozen_fraction``, ``reversed_last_step``/``flipped_last_step`` (fractions), ``reversal_hist``
-        (log bins 0, 1, 2-3, 4-7, ..., the last open), and, when the quantizer exposes ``integer_domain``,
+        (log bins 0, 1, 2-3, 4-7, ..., the last open), ``freq_hist`` (counts of ``f`` between the
+        :data:`FREQ_EDGES`, the last bin open), and, when the quantizer exposes ``integer_domain``,
         ``clipped_fraction`` and ``distance_hist`` (``0.5 - |v - round(v)|`` in ``DISTANCE_BINS`` bins of [0, 0.5])."""
         rows = []
         for tw in self.weights:
@@ -175,7 +178,9 @@ class OscillationTracker:
                 osc_fraction=float((s.freq > self.report_threshold).float().mean()),
                 mean_freq=float(s.freq.mean()), frozen_fraction=float(s.frozen.float().mean()),
                 reversed_last_step=float(s.last_reversed), flipped_last_step=float(s.last_flipped),
-                reversal_hist=hist)
+                reversal_hist=hist,
+                freq_hist=[int(((s.freq >= lo) & (s.freq < hi)).sum()) for lo, hi in zip(FREQ_EDGES, FREQ_EDGES[1:])]
+                + [int((s.freq >= FREQ_EDGES[-1]).sum())])
             pos = grid_position(tw.quantizer, tw.layer.weight.detach())
             if pos is not None:
                 qmin, qmax = tw.quantizer.code_range()

@@ -175,6 +175,7 @@ class QATTrainer:
         set_seed(cfg.seed)
         self.callbacks = list(callbacks)
         self.unwrapped_model = model
+        self.train_set = train_set
         self.oscillation_tracker = None
         self.sampler = EpochPermutation(len(train_set), cfg.seed)
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True)

@@ -36,6 +36,16 @@ PathLike = Union[str, Path]
 PLACEMENT_KEYS = ("bits", "granularity", "axis", "group_size", "num_groups", "enabled", "signed")
 
 
+def _patched(base: Mapping[str, Any], layer: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated with ``layer``; a layer that switches ``kind`` keeps only the placement keys of ``base``
+    (where and how wide the site is), not the old family's init and options."""
+    out = dict(base)
+    if "kind" in layer and layer["kind"] != out.get("kind"):
+        out = {k: v for k, v in out.items() if k in PLACEMENT_KEYS}
+    out.update(layer)
+    return out
+
+
 @dataclass
 class QuantConfig:
     """Maps every quantization site of a prepared network to a :class:`QuantSpec`.
@@ -50,8 +60,9 @@ class QuantConfig:
     A site whose patches set no ``bits`` (or ``bits: null``) gets ``w_bits`` (weights) or ``a_bits``.
 
     Roles not listed keep the defaults; a role patch is merged into the built-in patch of that role. A patch
-    that switches ``kind`` drops the inherited family settings (``init``, ``symmetric`` and options) and
-    keeps only the placement keys (bits, granularity, axis, group size, enabled, signed).
+    (including one of ``weight``/``activation``) that switches ``kind`` drops the inherited family settings
+    (``init``, ``symmetric`` and options) and keeps only the placement keys (bits, granularity, axis, group size,
+    enabled, signed).
     """
 
     w_bits: int = 8
@@ -69,10 +80,7 @@ class QuantConfig:
         """The spec for the site named ``site`` with role ``role``."""
         patch = dict(self.weight if is_weight else self.activation)
         for layer in [self.roles.get(role, {})] + [o for p, o in self.overrides.items() if fnmatch.fnmatchcase(site, p)]:
-            if "kind" in layer and layer["kind"] != patch.get("kind"):
-                # another family: keep where and how wide the site is, not the old family's init and options
-                patch = {k: v for k, v in patch.items() if k in PLACEMENT_KEYS}
-            patch.update(layer)
+            patch = _patched(patch, layer)
         if patch.get("bits") is None:
             patch["bits"] = self.w_bits if is_weight else self.a_bits
         try:
@@ -98,8 +106,8 @@ class QuantConfig:
             out.w_bits = int(patch["w_bits"])
         if "a_bits" in patch:
             out.a_bits = int(patch["a_bits"])
-        out.weight.update(patch.get("weight") or {})
-        out.activation.update(patch.get("activation") or {})
+        out.weight = _patched(out.weight, patch.get("weight") or {})
+        out.activation = _patched(out.activation, patch.get("activation") or {})
         for role, p in (patch.get("roles") or {}).items():
             out.roles[role] = {**out.roles.get(role, {}), **(p or {})}
         out.overrides.update(patch.get("overrides") or {})

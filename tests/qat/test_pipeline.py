@@ -38,6 +38,10 @@ def test_every_qat_recipe_runs(name, tmp_path):
         assert [r["freeze_threshold"] for r in rows] == pytest.approx(
             [cosine_schedule(s, 8, 0.1, 0.011) for s in range(1, 9)])
         assert rows[0]["freeze_threshold"] == 0.0 and rows[-1]["freeze_threshold"] == pytest.approx(0.011)
+    if "confidence_guided_annealing" in callbacks:   # its last 30 of 340 epochs, scaled to the 2-epoch budget
+        assert rows[0]["cga_trainable_fraction"] == 1.0 and rows[-1]["cga_trainable_fraction"] < 0.2
+    if "query_key_reparameterization" in callbacks:
+        assert qmodel.blocks[0].attn.qkr and qmodel.blocks[0].attn.qkx_quantizer.initialized
     rows_sites = {r.site: r for r in qvit.describe(qmodel)}
     assert rows_sites["blocks.0.mlp.fc1.weight"].bits == 3 and rows_sites["head.weight"].bits == 8
 

@@ -97,7 +97,7 @@ def describe(model: nn.Module, include_float: bool = True) -> List[SiteInfo]:
     for name, module in model.named_modules():
         if not isinstance(module, QuantModule):
             continue
-        for slot, _ in module.quant_slots:
+        for slot, _ in module.slots():
             q = getattr(module, f"{slot}_quantizer", None)
             site = f"{name}.{slot}" if name else slot
             role = module.quant_roles.get(slot, slot)

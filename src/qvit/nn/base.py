@@ -43,18 +43,24 @@ class QuantModule:
     def _init_quant(self) -> None:
         """Hook for subclasses: extra set-up after conversion."""
 
+    def slots(self) -> Tuple[Tuple[str, bool], ...]:
+        """The class's ``quant_slots`` plus any added to this module later (``extra_quant_slots``, e.g. QKR's)."""
+        return tuple(self.quant_slots) + tuple(getattr(self, "extra_quant_slots", ()))
+
     def quantizers(self) -> Iterator[Tuple[str, Quantizer]]:
         """``(slot, quantizer)`` for every enabled slot."""
-        for slot, _ in self.quant_slots:
+        for slot, _ in self.slots():
             q = getattr(self, f"{slot}_quantizer", None)
             if q is not None:
                 yield slot, q
 
     def restore_float(self) -> nn.Module:
         """Turn the module back into its float class (quantizers are dropped)."""
-        for slot, _ in self.quant_slots:
+        for slot, _ in self.slots():
             if hasattr(self, f"{slot}_quantizer"):
                 delattr(self, f"{slot}_quantizer")
+        if hasattr(self, "extra_quant_slots"):
+            del self.extra_quant_slots
         cls = self.float_class
         del self.float_class, self.quant_roles
         self.__class__ = cls

@@ -36,6 +36,11 @@ class QuantAttention(QuantAttentionCore, Attention):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
+        if getattr(self, "qkr", False):
+            from .qkr import qkr_forward
+            if getattr(self, "gate", None) is not None or is_causal:
+                raise ValueError("QKR supports plain (ungated, non-causal) attention only")
+            return qkr_forward(self, x, attn_mask)
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

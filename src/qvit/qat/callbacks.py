@@ -150,23 +150,33 @@ class BinRegularizer(_ScheduledWeight):
 
 @register_callback("confidence_guided_annealing")
 class CGACallback(Callback):
-    """OFQ's CGA on the named layers' weights (see :class:`ConfidenceGuidedAnnealing`)."""
+    """OFQ's CGA on the named layers' weights (see :class:`ConfidenceGuidedAnnealing`), during the last
+    ``last_epochs`` epochs of training (all of it when None); OFQ runs it for its final 30 epochs at lr 1e-5."""
 
     def __init__(self, boundary_range: float = 0.005,
                  suffixes: tuple = ("fc1", "fc2", "proj", "v", "qkv", "reduction"),
-                 within: Optional[str] = "blocks") -> None:
+                 within: Optional[str] = "blocks", last_epochs: Optional[float] = None) -> None:
         self.options = dict(boundary_range=boundary_range, suffixes=tuple(suffixes), within=within)
+        self.last_epochs = last_epochs
         self.cga: Optional[ConfidenceGuidedAnnealing] = None
         self.trainable = 1.0
+        self.active = False
 
     def setup(self, trainer: Any) -> None:
         self.cga = ConfidenceGuidedAnnealing(trainer.unwrapped_model, **self.options)
 
+    def _active(self, trainer: Any) -> bool:
+        if self.last_epochs is None:
+            return True
+        return trainer.step >= trainer.total_steps - int(round(self.last_epochs * trainer.steps_per_epoch))
+
     def after_backward(self, trainer: Any) -> None:
-        self.trainable = self.cga.before_step()
+        self.active = self._active(trainer)
+        self.trainable = self.cga.before_step() if self.active else 1.0
 
     def after_step(self, trainer: Any) -> None:
-        self.cga.after_step()
+        if self.active:
+            self.cga.after_step()
 
     def metrics(self, trainer: Any) -> Dict[str, float]:
         return {"cga_trainable_fraction": self.trainable}
@@ -192,3 +202,18 @@ class BNReestimation(Callback):
 
     def metrics(self, trainer: Any) -> Dict[str, float]:
         return {"bn_batches": float(self.used)}
+
+
+@register_callback("query_key_reparameterization")
+class QKRCallback(Callback):
+    """OFQ's query-key reparameterization (:func:`qvit.nn.qkr.enable_qkr`) of every timm ``Attention``, set up before
+    training: ``weight`` builds the ``W_qk`` quantizer (StatsQ per row), ``product`` the ``W_qk·xᵀ`` one."""
+
+    def __init__(self, weight: Optional[Dict[str, Any]] = None, product: Optional[Dict[str, Any]] = None) -> None:
+        self.weight = dict(weight or {"kind": "statsq", "granularity": "channel", "axis": 0})
+        self.product = dict(product or {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1,
+                                        "init": "lsq"})
+
+    def setup(self, trainer: Any) -> None:
+        from ..nn.qkr import enable_qkr
+        enable_qkr(trainer.unwrapped_model, self.weight, self.product)

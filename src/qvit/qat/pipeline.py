@@ -16,6 +16,9 @@ from ..recipes import Recipe, load_recipe, resolve_by_bits
 from .callbacks import create_callback
 from .trainer import QATTrainer, TrainConfig, copy_teacher
 
+#: settings counted in epochs; they scale with the budget when only ``epochs`` is overridden
+EPOCH_KEYS = ("warmup_epochs", "cooldown_epochs", "last_epochs")
+
 
 def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Dataset, *,
                  eval_loader: Optional[Sequence] = None, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
@@ -26,7 +29,8 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
 
     The quantizers are initialised on ``calibration.num_images`` training images (seed ``calibration.seed``) with
     the recipe's range estimators, then trained with the weights. ``train_overrides`` patch the recipe's ``train``
-    settings (epochs, lr, batch size ...); a recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is
+    settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the recipe's other epoch counts
+    (warm-up, cool-down, a callback's ``last_epochs``) by the same factor. A recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is
     resolved by the weight bit-width. ``result`` has ``steps``, ``history`` (top-1 per epoch) and ``seconds``.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -34,11 +38,22 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
         raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a QAT one")
     qconfig = recipe.quant_config(w_bits, a_bits, overrides)
     train = {k: resolve_by_bits(v, qconfig.w_bits) for k, v in recipe.train.items()}
-    config = TrainConfig.from_dict({**train, **dict(train_overrides or {})})
-    callbacks = [create_callback(name, {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()})
-                 for name, params in recipe.callbacks]
-    callbacks = [create_callback(name, {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()})
-                 for name, params in recipe.callbacks]
+    patch = dict(train_overrides or {})
+    ratio = 1.0
+    if "epochs" in patch and train.get("epochs"):
+        # a shorter (or longer) budget keeps the recipe's shape: warm-up, cool-down and late stages scale with it
+        ratio = float(patch["epochs"]) / float(train["epochs"])
+        for key in EPOCH_KEYS:
+            if key in train and key not in patch:
+                patch[key] = train[key] * ratio
+    config = TrainConfig.from_dict({**train, **patch})
+    callbacks = []
+    for name, params in recipe.callbacks:
+        params = {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()}
+        for key in EPOCH_KEYS:
+            if params.get(key) is not None:
+                params[key] = params[key] * ratio
+        callbacks.append(create_callback(name, params))
     teacher = copy_teacher(model)
     qmodel = prepare(copy.deepcopy(model), qconfig)
     num = int(recipe.calibration.get("num_images", 256))

@@ -45,7 +45,8 @@ class TrainConfig:
     """Training settings (a recipe's ``train`` section; every key can be overridden from the command line).
 
     ``loss``: ``ce`` (labels), ``kd`` (soft cross-entropy against the online FP teacher at ``temperature``) or
-    ``hard_soft`` (OFQ: CE + KD). ``quant_lr``/``quant_optimizer``/``quant_weight_decay`` apply to quantizer parameters
+    ``hard_soft`` (OFQ: CE + KD). The learning rate warms up linearly for ``warmup_epochs``, follows a cosine to
+    ``min_lr`` and stays there for the last ``cooldown_epochs`` (timm's cool-down; OFQ's CGA stage runs in it). ``quant_lr``/``quant_optimizer``/``quant_weight_decay`` apply to quantizer parameters
     (step sizes, offsets); ``quant_lr: null`` trains them with the weights' settings.
     """
 
@@ -54,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
+    cooldown_epochs: float = 0.0
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.05
@@ -184,6 +186,10 @@ class QATTrainer:
             raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({cfg.batch_size})")
         self.total_steps = max(1, int(round(cfg.epochs * self.steps_per_epoch)))
         self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.cooldown_steps = int(round(cfg.cooldown_epochs * self.steps_per_epoch))
+        if self.warmup_steps + self.cooldown_steps >= self.total_steps:
+            raise ValueError(f"warm-up ({cfg.warmup_epochs} epochs) and cool-down ({cfg.cooldown_epochs}) leave no "
+                             f"room in {cfg.epochs} epochs")
         for cb in self.callbacks:
             cb.setup(self)
 
@@ -221,7 +227,7 @@ class QATTrainer:
         cfg = self.config
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.cooldown_steps - self.warmup_steps)
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 

@@ -105,9 +105,10 @@ class Recipe:
 
 def resolve_by_bits(value: Any, bits: int) -> Any:
     """A recipe value that may depend on the bit-width: a plain value, or a mapping from bit-widths to values with an
-    optional ``default`` (``{6: 200, default: 1000}``)."""
-    if not isinstance(value, Mapping):
-        return value
+    optional ``default`` (``{6: 200, default: 1000}``). Mappings with other keys are plain values."""
+    if not isinstance(value, Mapping) or not value or not all(
+            str(k).isdigit() or k == "default" for k in value):
+        return value                      # a plain value, or a mapping that is not a per-bit table
     table = {str(k): v for k, v in value.items()}
     if str(bits) in table:
         return table[str(bits)]

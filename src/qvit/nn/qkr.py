@@ -1,0 +1,84 @@
+"""Query-key reparameterization (OFQ, Liu et al. ICML 2023) for timm ``Attention``.
+
+Instead of quantizing the query and key weights and activations separately (four quantizers whose errors interact),
+each head's logits are computed from the product ``W_qk[h] = W_q,hᵀ W_k,h`` (``C x C``)::
+
+    x̂ = qkv.input_quantizer(x)                           [B, N, C]
+    t[h] = quant_qkx( Q_w(W_qk)[h] · x̂ᵀ )                 [B, H, C, N]   (``qkx``, per head)
+    logits[h] = (x̂ · t[h] + (x̂ · u_h)ᵀ) · d^-1/2,  u_h = W_k,hᵀ b_q,h
+
+``Q_w`` (slot ``qk_weight``, OFQ: StatsQ per row) quantizes ``W_qk`` reshaped to ``[H·C, C]``; its straight-through
+gradient reaches ``W_q`` and ``W_k`` through the product. Biases: the key bias only adds terms constant along the
+key axis, which the softmax cancels; the query bias adds ``b_q,hᵀ W_k,h x_j``, which depends on the key, so it is
+kept as the per-head key bias ``u_h`` (OFQ's code drops both biases, changing the function). In floating point the
+attention output is therefore unchanged. Values, the softmax output and ``proj`` keep their own quantizers.
+Cost: per head ``N·C² + N²·C`` multiply-adds instead of ``N·C·d + N²·d``.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quantizers import QuantSpec, create_quantizer
+from .quant_attention import QuantAttention
+
+SpecLike = Union[QuantSpec, Mapping[str, Any]]
+
+
+def enable_qkr(model: nn.Module, weight_spec: SpecLike, product_spec: SpecLike) -> List[str]:
+    """Switch every ``QuantAttention`` of a prepared model to QKR; returns the module names.
+
+    ``weight_spec``/``product_spec`` build the ``qk_weight`` and ``qkx`` quantizers (``bits: null`` takes the
+    bit-width of the module's qkv weight / input quantizer). ``qkx`` initialises itself on its first input.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantAttention) or getattr(m, "qkr", False):
+            continue
+        if not isinstance(m.q_norm, nn.Identity) or not isinstance(m.k_norm, nn.Identity):
+            raise ValueError(f"{name}: QKR needs attention without q/k normalization")
+        w_bits = m.qkv.weight_quantizer.bits if getattr(m.qkv, "weight_quantizer", None) is not None else 8
+        a_bits = m.qkv.input_quantizer.bits if getattr(m.qkv, "input_quantizer", None) is not None else 8
+        for slot, spec, bits in (("qk_weight", weight_spec, w_bits), ("qkx", product_spec, a_bits)):
+            spec = spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(
+                {**dict(spec), "bits": dict(spec).get("bits") or bits})
+            q = create_quantizer(spec).to(m.qkv.weight.device)
+            q.site = f"{name}.{slot}"
+            q.lazy_init = slot == "qkx"
+            setattr(m, f"{slot}_quantizer", q)
+            m.quant_roles[slot] = f"attn.{slot}"
+        m.extra_quant_slots = (("qk_weight", False), ("qkx", False))
+        m.qkr = True
+        names.append(name)
+    if not names:
+        raise ValueError("enable_qkr: the model has no quantized timm Attention module")
+    return names
+
+
+def qkr_forward(m: QuantAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The QKR attention forward of module ``m`` on ``x`` ``[B, N, C]`` (see the module docstring)."""
+    B, N, C = x.shape
+    H, d = m.num_heads, m.head_dim
+    xq = m.qkv._quant("input", x)
+    w = m.qkv._quant("weight", m.qkv.weight)
+    bias = m.qkv.bias
+    v = F.linear(xq, w[2 * H * d:], bias[2 * H * d:] if bias is not None else None)
+    v = v.reshape(B, N, H, d).permute(0, 2, 1, 3)
+    wq = m.qkv.weight[:H * d].reshape(H, d, C)
+    wk = m.qkv.weight[H * d:2 * H * d].reshape(H, d, C)
+    w_qk = m._quant("qk_weight", (wq.transpose(1, 2) @ wk).reshape(H * C, C)).reshape(H, C, C)
+    t = m._quant("qkx", torch.einsum("hcd,bnd->bhcn", w_qk, xq))
+    logits = torch.einsum("bnc,bhcm->bhnm", xq, t)
+    if bias is not None:
+        u = torch.einsum("hdc,hd->hc", wk, bias[:H * d].reshape(H, d))
+        logits = logits + torch.einsum("bmc,hc->bhm", xq, u).unsqueeze(2)
+    logits = logits * m.scale
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    out = m.attend(logits, v, m.attn_drop)
+    out = out.transpose(1, 2).reshape(B, N, H * d)
+    out = m.norm(out) if hasattr(m, "norm") else out
+    return m.proj_drop(m.proj(out))

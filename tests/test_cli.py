@@ -118,3 +118,15 @@ def test_qat_end_to_end_and_resume(folder, tmp_path, capsys):
     assert main(["qat", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--recipe", "minmax",
                  "--no-progress"]) == 2
     assert "runs: lsq" in capsys.readouterr().err
+
+
+def test_softlabels_then_qat_with_them(folder, tmp_path, capsys):
+    soft = tmp_path / "soft.safetensors"
+    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--no-progress"]
+    assert main(["softlabels", *common, "--out", str(soft), "--crops", "5", "--topk", "1"]) == 0
+    assert "x 5 crops" in capsys.readouterr().out
+    assert main(["qat", *common, "--recipe", "vvtq", "--w-bits", "4", "--a-bits", "4", "--epochs", "1",
+                 "--train-batch-size", "4", "--calib-images", "4", "--soft-labels", str(soft),
+                 "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["recipe"] == "vvtq" and record["train_overrides"]["soft_labels"] == str(soft)

@@ -1,4 +1,5 @@
-"""The ``qvit`` command line: ``demo``, ``eval``, ``ptq``, ``qat``, ``report``, ``recipes``, ``describe``."""
+"""The ``qvit`` command line: ``demo``, ``eval``, ``ptq``, ``qat``, ``softlabels``, ``report``, ``recipes``,
+``describe``."""
 from __future__ import annotations
 
 import argparse
@@ -160,7 +161,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     loader = s.loader(s.eval_set(materialize=True))
     fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.train_batch_size),
-                                   ("warmup_epochs", args.warmup_epochs), ("seed", args.train_seed))
+                                   ("warmup_epochs", args.warmup_epochs), ("seed", args.train_seed),
+                                   ("soft_labels", str(args.soft_labels) if args.soft_labels else None))
                  if v is not None}
     out_dir = args.out or Path("outputs") / "qat" / f"{recipe.name}_w{args.w_bits}a{args.a_bits}"
     qmodel, result = quantize_qat(s.model, recipe, train_set, eval_loader=loader, w_bits=args.w_bits,
@@ -176,6 +178,16 @@ def cmd_qat(args: argparse.Namespace) -> int:
     _write_json(Path(out_dir) / "result.json", record)
     if args.output:
         _write_json(args.output, record)
+    return 0
+
+
+def cmd_softlabels(args: argparse.Namespace) -> int:
+    from .qat.multicrop import save_soft_labels
+    s = _Session(args)
+    train_set = subset(build_dataset(args.data, "train", s.transform), args.train_images, s.seed)
+    path = save_soft_labels(s.model, train_set, args.out, crops=args.crops, scale=tuple(args.crop_scale),
+                            topk=args.topk, seed=s.seed, batch_size=args.batch_size, progress=s.progress)
+    print(f"soft labels of {len(train_set)} images x {args.crops} crops written to {path}")
     return 0
 
 
@@ -303,10 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-batch-size", type=int)
     t.add_argument("--train-images", type=int, help="train on a seeded subset of this many images")
     t.add_argument("--train-seed", type=int, help="seed of the data order and augmentation")
+    t.add_argument("--soft-labels", type=Path, help="precomputed multi-crop soft labels (`qvit softlabels`)")
     t.add_argument("--out", type=Path, help="run directory (default: outputs/qat/<recipe>_w<W>a<A>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     qat.add_argument("--output", type=Path, help="also write the result as JSON")
     qat.set_defaults(func=cmd_qat)
+
+    sl = sub.add_parser("softlabels", help="precompute multi-crop soft labels of the float model (for vvtq)")
+    _add_model_args(sl)
+    sl.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
+    sl.add_argument("--crops", type=int, default=16, help="random-resized crops stored per image")
+    sl.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], help="crop area range")
+    sl.add_argument("--topk", type=int, help="keep the k largest probabilities per crop (FKD's marginal smoothing)")
+    sl.add_argument("--train-images", type=int, help="a seeded subset of the training set (must match qat's)")
+    sl.set_defaults(func=cmd_softlabels)
 
     rep = sub.add_parser("report", help="tables and plots of a QAT run directory (oscillation over training)")
     rep.add_argument("run_dir", type=Path, help="the --out directory of a `qvit qat` run")

@@ -24,7 +24,7 @@ def _setup(seed: int = 0):
 
 
 def _config(**kw):
-    base = dict(epochs=2, batch_size=16, lr=1e-3, quant_lr=1e-4, loss="kd", augment=True, checkpoint_every=2,
+    base = dict(epochs=2, batch_size=16, lr=1e-3, quant_lr=1e-4, loss="kd", augment=True, crops=2, checkpoint_every=2,
                 log_every=1, seed=0)
     base.update(kw)
     return TrainConfig(**base)

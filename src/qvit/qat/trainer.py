@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,8 @@ from tqdm import tqdm
 from ..evaluate import evaluate
 from ..quantizers import Quantizer
 from .callbacks import Callback
-from .losses import distillation_loss, hard_and_soft_loss
+from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
+from .multicrop import SoftLabels, apply_crops, random_boxes
 
 LOSSES = ("ce", "kd", "hard_soft")
 OPTIMIZERS = ("adamw", "sgd", "adam")
@@ -67,6 +68,9 @@ class TrainConfig:
     loss: str = "kd"
     temperature: float = 1.0
     augment: bool = False
+    crops: int = 1
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    soft_labels: Optional[str] = None
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 20
@@ -80,6 +84,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {OPTIMIZERS}, got {getattr(self, name)!r}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.crops < 1:
+            raise ValueError(f"crops must be >= 1, got {self.crops}")
+        self.crop_scale = tuple(self.crop_scale)
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "TrainConfig":
@@ -88,6 +95,20 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(names)}")
         return cls(**dict(data or {}))
+
+
+class IndexedDataset(Dataset):
+    """``(image, label, index)`` items of a dataset (the index finds an image's precomputed soft labels)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i][:2]
+        return x, y, i
 
 
 class EpochPermutation(Sampler):
@@ -167,7 +188,7 @@ class QATTrainer:
         from accelerate.utils import set_seed
 
         self.config = config or TrainConfig()
-        if self.config.loss != "ce" and teacher is None:
+        if self.config.loss != "ce" and teacher is None and not self.config.soft_labels:
             raise ValueError(f"loss {self.config.loss!r} needs the float teacher model")
         self.out_dir = Path(out_dir)
         self.progress = progress
@@ -180,7 +201,13 @@ class QATTrainer:
         self.train_set = train_set
         self.oscillation_tracker = None
         self.sampler = EpochPermutation(len(train_set), cfg.seed)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True)
+        loader = DataLoader(IndexedDataset(train_set), batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True)
+        self.soft_labels = SoftLabels(cfg.soft_labels) if cfg.soft_labels else None
+        if self.soft_labels is not None and len(self.soft_labels) != len(train_set):
+            raise ValueError(f"the soft-label file has {len(self.soft_labels)} images, the training set "
+                             f"{len(train_set)}")
+        if self.soft_labels is not None and cfg.crops > self.soft_labels.crops_per_image:
+            raise ValueError(f"crops={cfg.crops} but the soft-label file stores {self.soft_labels.crops_per_image}")
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({cfg.batch_size})")
@@ -266,9 +293,33 @@ class QATTrainer:
         return True
 
     # ------------------------------------------------------------------ training
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _views(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The step's inputs, labels and (from a soft-label file) target probabilities: the batch itself, or its
+        ``crops`` random-resized crops per image, seeded by the step number."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + self.state.step)
+        if cfg.augment:
+            x = shift_flip(x.cpu(), gen).to(x.device)
+        if cfg.crops == 1 and self.soft_labels is None:
+            return x, y, None
+        b, k = x.shape[0], cfg.crops
+        targets = None
+        if self.soft_labels is None:
+            boxes = random_boxes(b * k, gen, cfg.crop_scale).reshape(b, k, 4)
+            flips = torch.rand(b, k, generator=gen) < 0.5
+        else:
+            sl, cidx = self.soft_labels, idx.cpu().long()
+            crop = torch.stack([torch.randperm(sl.crops_per_image, generator=gen)[:k] for _ in range(b)])
+            boxes, flips = sl.boxes[cidx[:, None], crop], sl.flips[cidx[:, None], crop]
+            targets = sl.labels(cidx, crop).reshape(b * k, -1).to(x.device)
+        return apply_crops(x, boxes, flips), y.repeat_interleave(k), targets
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.config
         logits = self.model(x)
+        if targets is not None:
+            return soft_cross_entropy(logits, targets)
         if cfg.loss == "ce":
             return F.cross_entropy(logits, y)
         with torch.no_grad():
@@ -333,12 +384,10 @@ class QATTrainer:
                 loader = self.accelerator.skip_first_batches(self.loader, done_in_epoch) if done_in_epoch \
                     else self.loader
                 self.model.train()
-                for x, y in loader:
-                    if cfg.augment:
-                        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + self.state.step)
-                        x = shift_flip(x.cpu(), gen).to(x.device)
+                for x, y, idx in loader:
+                    x, y, targets = self._views(x, y, idx)
                     with self.accelerator.autocast():
-                        loss = self._loss(x, y)
+                        loss = self._loss(x, y, targets)
                         total = loss
                         for cb in self.callbacks:
                             extra = cb.extra_loss(self)

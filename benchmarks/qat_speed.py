@@ -1,0 +1,122 @@
+"""Cost of fake quantization in training: step time and peak memory of W4A4 QAT relative to float training.
+
+    python benchmarks/qat_speed.py                         # deit_small_patch16_224, batch 16, 224 px, lsq recipe
+    python benchmarks/qat_speed.py --model test_vit --steps 5 --repeats 1
+
+Each configuration trains in a fresh subprocess (peak resident memory is per process), float and quantized
+alternating ``--repeats`` times so both see the same machine state; the ratios use the medians. Step time excludes
+the first ``--warmup`` steps. Writes ``benchmarks/results/qat_speed.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--recipe", default="lsq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--worker", choices=("fp", "qat"), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=RESULTS / "qat_speed")
+    return p.parse_args(argv)
+
+
+def worker(args: argparse.Namespace) -> Dict[str, Any]:
+    """One training run in this process: AdamW steps on random data; step times and peak RSS growth."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    import qvit
+    from qvit.qat.trainer import quantizer_parameters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, model.num_classes, (args.batch_size,))
+    if args.worker == "qat":
+        recipe = qvit.load_recipe(args.recipe)
+        model = qvit.prepare(model, recipe.quant_config(args.bits, args.bits))
+        qvit.calibrate(model, x, progress=False)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times: List[float] = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": args.worker, "step_seconds": statistics.median(times), "peak_rss_mb": peak / 1024,
+            "peak_growth_mb": (peak - base) / 1024,
+            "quantizer_params": len(quantizer_parameters(model)) if args.worker == "qat" else 0}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    runs: List[Dict[str, Any]] = []
+    base_cmd = [sys.executable, __file__, "--model", args.model, "--recipe", args.recipe, "--bits", str(args.bits),
+                "--batch-size", str(args.batch_size), "--img-size", str(args.img_size), "--steps", str(args.steps),
+                "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    for r in range(args.repeats):
+        for kind in ("fp", "qat"):
+            out = subprocess.run(base_cmd + ["--worker", kind], capture_output=True, text=True)
+            if out.returncode:
+                sys.stderr.write(out.stderr)
+                return out.returncode
+            runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "repeat": r})
+            print(f"repeat {r} {kind}: {runs[-1]['step_seconds']:.3f} s/step, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k) for m in ("step_seconds", "peak_rss_mb")}
+           for k in ("fp", "qat")}
+    time_ratio = med["qat"]["step_seconds"] / med["fp"]["step_seconds"]
+    mem_ratio = med["qat"]["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
+    from qvit.report import environment_info, environment_markdown
+    env = environment_info()
+    command = ("python benchmarks/qat_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(dict(
+        command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
+        img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
+        environment=env), indent=2) + "\n")
+    md = (f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
+          f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
+          f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
+          "resident set.\n\n| | step (s) | peak RSS (MB) |\n|---|---|---|\n"
+          f"| FP32 | {med['fp']['step_seconds']:.3f} | {med['fp']['peak_rss_mb']:.0f} |\n"
+          f"| W{args.bits}A{args.bits} {args.recipe} | {med['qat']['step_seconds']:.3f} | "
+          f"{med['qat']['peak_rss_mb']:.0f} |\n| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x |\n\n"
+          f"## Environment\n\n{environment_markdown(env)}\n")
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The QAT table on the reference model: every QAT recipe at W2A2 and W3A3 (optionally W4A4) with the same epoch budget,
+final top-1 (mean of the seeds) and final fraction of oscillating weights; then the effect of batch-norm
+re-estimation on a small MobileNetV2-style CNN (28x28) trained here.
+
+    python benchmarks/qat_table.py --epochs 2                    # all QAT recipes, W2A2 and W3A3, seeds 0 1
+    python benchmarks/qat_table.py --recipes lsq nagel_freeze --bits 2 --epochs 1 --train-images 6000
+
+Not a test: hours on a small CPU. Every finished run (its qvit qat run directory under --work-dir, with metrics and
+checkpoints) is recorded in ``<out>.partial.jsonl``; re-running the command skips finished runs and resumes an
+interrupted one from its last checkpoint. Writes ``<out>.md`` / ``<out>.json`` (default benchmarks/results/qat_table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import timm
+import torch
+
+import qvit
+from qvit.data import build_dataset, create_loader, subset
+from qvit.data.transforms import create_eval_transform
+from qvit.qat import quantize_qat
+from qvit.report import environment_info, environment_markdown
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=qvit.list_recipes("qat"))
+    p.add_argument("--bits", nargs="+", type=int, default=[2, 3])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=float, default=2.0, help="the same budget for every recipe")
+    p.add_argument("--train-images", type=int, help="a seeded subset of the 60k training images")
+    p.add_argument("--eval-images", type=int, help="a seeded subset of the 10k test images")
+    p.add_argument("--bn-epochs", type=float, default=1.0, help="QAT epochs of the CNN batch-norm comparison "
+                                                                "(0 skips it)")
+    p.add_argument("--work-dir", type=Path, default=Path("outputs/qat_table"))
+    p.add_argument("--out", type=Path, default=RESULTS / "qat_table", help="output path without suffix")
+    return p.parse_args(argv)
+
+
+def _eval_loader(model: torch.nn.Module, eval_images) -> List:
+    test = subset(build_dataset(None, "val", create_eval_transform(model)), eval_images, 0)
+    xs, ys = zip(*create_loader(test, batch_size=500))
+    return list(zip(torch.cat(xs).split(500), torch.cat(ys).split(500)))
+
+
+def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: Path) -> Dict[str, Any]:
+    model = qvit.create_reference_model()
+    loader = _eval_loader(model, args.eval_images)
+    fp = qvit.evaluate(model, loader, progress=False).top1
+    train = subset(build_dataset(None, "train", create_eval_transform(model)), args.train_images, 0)
+    for name in args.recipes:
+        for bits in args.bits:
+            for seed in args.seeds:
+                key = f"{name}/W{bits}A{bits}/seed{seed}"
+                if key in done:
+                    continue
+                run_dir = args.work_dir / key.replace("/", "_")
+                resume = (run_dir / "checkpoints").exists()
+                qmodel, result = quantize_qat(model, name, train, eval_loader=loader, w_bits=bits, a_bits=bits,
+                                              train_overrides={"epochs": args.epochs, "seed": seed},
+                                              out_dir=run_dir, resume=resume)
+                top1 = qvit.evaluate(qmodel, loader, progress=False).top1
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                rec = dict(key=key, recipe=name, bits=bits, seed=seed, top1=top1, steps=result["steps"],
+                           seconds=result["seconds"], osc_fraction=rows[-1].get("osc_fraction"),
+                           frozen_fraction=rows[-1].get("frozen_fraction"), run_dir=str(run_dir))
+                with open(partial, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                done[key] = rec
+                print(f"{key}: top-1 {top1:.2f}%, oscillating {100 * (rec['osc_fraction'] or 0):.3f}%", flush=True)
+    return {"fp_top1": fp, "eval_images": sum(len(y) for _, y in loader)}
+
+
+def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: Path) -> None:
+    """A MobileNetV2-style CNN (timm mobilenetv2_050, 1 input channel) trained in float for 3 epochs, then
+    ``nagel_dampen`` W4A4 QAT with and without batch-norm re-estimation before evaluation."""
+    key_fp = "cnn/fp"
+    cnn = timm.create_model("mobilenetv2_050", in_chans=1, num_classes=10)
+    transform = create_eval_transform(qvit.create_reference_model())
+    train = subset(build_dataset(None, "train", transform), args.train_images, 0)
+    loader = _eval_loader(qvit.create_reference_model(), args.eval_images)
+    fp_dir = args.work_dir / "cnn_fp"
+    from qvit.qat import QATTrainer, TrainConfig
+    cfg = TrainConfig(epochs=3, batch_size=128, lr=2e-3, weight_decay=1e-4, loss="ce", warmup_epochs=0.2)
+    trainer = QATTrainer(cnn, None, train, eval_loader=loader, config=cfg, out_dir=fp_dir)
+    trainer.fit(resume=(fp_dir / "checkpoints").exists())
+    fp = qvit.evaluate(cnn.eval(), loader, progress=False).top1
+    done[key_fp] = {"key": key_fp, "top1": fp}
+    recipe = qvit.load_recipe("nagel_dampen")
+    for bn in (False, True):
+        key = f"cnn/nagel_dampen/W4A4/bn_reestimation={bn}"
+        if key in done:
+            continue
+        if bn:   # re-estimated before every evaluation, the final one included
+            recipe.callbacks = recipe.callbacks + [("bn_reestimation", {"num_batches": 50})]
+        run_dir = args.work_dir / key.replace("/", "_").replace("=", "_")
+        qmodel, result = quantize_qat(cnn, recipe, train, eval_loader=loader, w_bits=4, a_bits=4,
+                                      train_overrides={"epochs": args.bn_epochs}, out_dir=run_dir,
+                                      resume=(run_dir / "checkpoints").exists())
+        top1 = qvit.evaluate(qmodel, loader, progress=False).top1
+        rec = dict(key=key, bn_reestimation=bn, top1=top1, fp_top1=fp, steps=result["steps"])
+        with open(partial, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        done[key] = rec
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.jsonl")
+    done = {}
+    if partial.exists():
+        done = {r["key"]: r for r in map(json.loads, partial.read_text().splitlines()) if r}
+    info = vit_runs(args, done, partial)
+    if args.bn_epochs > 0:
+        bn_runs(args, done, partial)
+    lines = ["| method | " + " | ".join(f"W{b}A{b} top-1 | W{b}A{b} osc. (%)" for b in args.bits) + " |",
+             "|---|" + "---|---|" * len(args.bits),
+             "| FP32 | " + " | ".join(f"{info['fp_top1']:.2f} | -" for _ in args.bits) + " |"]
+    for name in args.recipes:
+        cells = []
+        for b in args.bits:
+            recs = [done[f"{name}/W{b}A{b}/seed{s}"] for s in args.seeds]
+            cells.append(f"{statistics.mean(r['top1'] for r in recs):.2f} | "
+                         f"{100 * statistics.mean(r['osc_fraction'] or 0 for r in recs):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bn_lines = []
+    if args.bn_epochs > 0:
+        bn_lines = ["", "| MobileNetV2-style CNN, nagel_dampen W4A4 | top-1 |", "|---|---|",
+                    f"| FP32 | {done['cnn/fp']['top1']:.2f} |"]
+        for bn in (False, True):
+            bn_lines.append(f"| BN re-estimation {'on' if bn else 'off'} | "
+                            f"{done[f'cnn/nagel_dampen/W4A4/bn_reestimation={bn}']['top1']:.2f} |")
+    env = environment_info()
+    command = ("python benchmarks/qat_table.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    args.out.with_suffix(".json").write_text(json.dumps(dict(command=command, epochs=args.epochs, seeds=args.seeds,
+                                                             runs=list(done.values()), **info, environment=env),
+                                                        indent=2) + "\n")
+    md = (f"# QAT table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command}`\n\n"
+          f"{args.epochs} epochs for every recipe; top-1 on {info['eval_images']} test images and the final fraction "
+          f"of weights with oscillation frequency > 0.005, means over seeds {args.seeds}.\n\n" + "\n".join(lines) + "\n"
+          + "\n".join(bn_lines) + f"\n\n## Environment\n\n{environment_markdown(env)}\n")
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -79,6 +79,7 @@ class _Session:
             num_classes = len(find_classes(str(resolve_split_dir(args.data, "val")))[0])
         elif num_classes is None and args.model != REFERENCE_MODEL and not args.checkpoint:
             num_classes = 10
+        torch.manual_seed(0 if args.seed is None else args.seed)   # models without weights get a reproducible init
         self.model = build_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
                                  num_classes=num_classes)
         self.transform = create_eval_transform(self.model)
@@ -162,6 +163,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.train_batch_size),
                                    ("warmup_epochs", args.warmup_epochs), ("seed", args.train_seed),
+                                   ("checkpoint_every", args.checkpoint_every),
                                    ("soft_labels", str(args.soft_labels) if args.soft_labels else None))
                  if v is not None}
     out_dir = args.out or Path("outputs") / "qat" / f"{recipe.name}_w{args.w_bits}a{args.a_bits}"
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--soft-labels", type=Path, help="precomputed multi-crop soft labels (`qvit softlabels`)")
     t.add_argument("--out", type=Path, help="run directory (default: outputs/qat/<recipe>_w<W>a<A>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    t.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: 200; "
+                                                        "one is also written at the end of every epoch)")
     qat.add_argument("--output", type=Path, help="also write the result as JSON")
     qat.set_defaults(func=cmd_qat)
 

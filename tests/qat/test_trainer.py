@@ -90,3 +90,47 @@ def test_trainer_refuses_to_overwrite_and_checks_settings(tmp_path):
         TrainConfig.from_dict({"epochs": 1, "lr_decay": 2})
     with pytest.raises(ValueError, match="teacher"):
         QATTrainer(model, None, data, config=_config(), out_dir=tmp_path / "x", progress=False)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    """`qvit qat` killed with SIGKILL after a mid-epoch checkpoint, then --resume, ends with the same weights and
+    no duplicated log rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", per_class=12, size=32)   # 24 images: 6 steps per epoch
+    common = [sys.executable, "-m", "qvit", "qat", "--model", "test_vit", "--data", str(folder), "--num-classes", "2",
+              "--recipe", "nagel_freeze", "--w-bits", "3", "--a-bits", "3", "--epochs", "3",
+              "--train-batch-size", "4", "--calib-images", "4", "--checkpoint-every", "4", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(common + ["--out", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(common + ["--out", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name == "step_00000008" for p in ckpts.glob("step_*")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "result.json").exists()       # it really died before the end (of 18 steps)
+    subprocess.run(common + ["--out", str(tmp_path / "b"), "--resume"], check=True, env=env, capture_output=True)
+
+    def final(run):
+        last = sorted((tmp_path / run / "checkpoints").glob("step_*"))[-1]
+        files = list(last.glob("*.safetensors")) or list(last.glob("pytorch_model*.bin"))
+        path = files[0]
+        return load_file(str(path)) if path.suffix == ".safetensors" else __import__("torch").load(path)
+
+    a, b = final("a"), final("b")
+    assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
+    steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))

@@ -248,6 +248,7 @@ class QATTrainer:
         self.teacher = teacher.to(self.accelerator.device) if teacher is not None else None
         self.eval_loader = eval_loader
         self.state = TrainState()
+        self._tb = None
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -290,7 +291,23 @@ class QATTrainer:
             path = found[-1]
         self.accelerator.load_state(str(path))
         self.state = TrainState(**json.loads((Path(path) / "trainer_state.json").read_text()))
+        self._truncate_logs()
         return True
+
+    def _truncate_logs(self) -> None:
+        """Drop log rows written after the loaded checkpoint (a killed run logged steps it will now redo)."""
+        for name in ("metrics.jsonl", "oscillation.jsonl"):
+            path = self.out_dir / name
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= self.state.step]
+                path.write_text("".join(r + "\n" for r in rows))
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            (self.out_dir / "metrics.csv").unlink(missing_ok=True)
+            for row in rows:
+                self._write_csv(row)
 
     # ------------------------------------------------------------------ training
     def _views(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
@@ -332,6 +349,13 @@ class QATTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_csv(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _write_csv(self, row: Dict[str, Any]) -> None:
         csv_path = self.out_dir / "metrics.csv"
         new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
@@ -339,10 +363,6 @@ class QATTrainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, row["step"])
 
     def _log_oscillation(self) -> None:
         if self.oscillation_tracker is None:

@@ -134,3 +134,12 @@ def test_kill_9_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
     steps = [__import__("json").loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+
+
+def test_learnable_steps_stay_positive(tmp_path):
+    """A huge quantizer lr would drive LSQ steps negative; the trainer keeps them >= 1e-5."""
+    model, teacher, data = _setup()
+    QATTrainer(model, teacher, data, config=_config(epochs=1, quant_lr=10.0, quant_optimizer="sgd", crops=1),
+               out_dir=tmp_path, progress=False).fit()
+    scales = [q.scale for q in model.modules() if isinstance(q, qvit.quantizers.Quantizer) and hasattr(q, "scale")]
+    assert scales and all(bool((s >= 1e-5).all()) for s in scales)

@@ -3,7 +3,7 @@
 One optimizer step per batch: forward, task/KD loss plus the callbacks' terms, backward (through Accelerate, with
 mixed precision on GPU), the callbacks' gradient hooks, gradient clipping, the step of the weight optimizer and of the
 quantizer-parameter optimizer (separate settings: Nagel et al. train the step sizes with Adam 1e-5), per-step cosine
-schedules with linear warm-up, then the callbacks' post-step hooks (oscillation tracking, restores).
+schedules with linear warm-up (learnable step sizes are kept >= 1e-5 after every step), then the callbacks' post-step hooks (oscillation tracking, restores).
 
 Checkpoints (``Accelerator.save_state``: model incl. every quantizer and oscillation buffer, both optimizers and
 schedulers, the RNG states) are written every ``checkpoint_every`` steps and at the end of every epoch; ``resume``
@@ -249,6 +249,7 @@ class QATTrainer:
         self.eval_loader = eval_loader
         self.state = TrainState()
         self._tb = None
+        self._quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -422,6 +423,8 @@ class QATTrainer:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                     for opt in self.optimizers:
                         opt.step()
+                    for q in self._quantizers:
+                        q.project_()
                     for sched in self.schedulers:
                         sched.step()
                     self.state.step += 1

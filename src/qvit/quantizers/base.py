@@ -218,6 +218,14 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """The parameters that must be finite and positive (checked after calibration and loading)."""
         return {}
 
+    @torch.no_grad()
+    def project_(self, min_scale: float = 1e-5) -> None:
+        """Keep learnable scale-like parameters valid after an optimizer step (clamp them to ``>= min_scale``, as
+        OFQ's and VVTQ's LSQ do); buffers are left alone."""
+        for t in self.scale_tensors().values():
+            if isinstance(t, nn.Parameter):
+                t.clamp_(min=min_scale)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -7,7 +7,7 @@ from qvit.data import FashionMNIST
 from qvit.models.reference import REFERENCE_MODEL, reference_weights_metadata, reference_weights_path
 
 #: The shipped weights' recorded Fashion-MNIST test top-1 must reach this (%). The goal is 90 %.
-MIN_REFERENCE_TOP1 = 88.5
+MIN_REFERENCE_TOP1 = 89.0
 
 
 def test_reference_model_is_a_registered_timm_vit():

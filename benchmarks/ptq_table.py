@@ -24,7 +24,7 @@ import torch
 import qvit
 from qvit.data import build_dataset, calibration_batch, create_loader, subset
 from qvit.data.transforms import create_eval_transform
-from qvit.report import environment_info, environment_markdown
+from qvit.report import write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -120,16 +120,12 @@ def main(argv=None) -> int:
     records = [done[run_key(*r)] for r in runs]
     command = "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = summarize(records, args.recipes, args.bits, fp.top1)
-    env = environment_info()
     data = dict(command=command.strip(), model=qvit.REFERENCE_MODEL, fp_top1=fp.top1, eval_images=fp.n,
-                budget=args.budget, seeds=args.seeds, bits=args.bits, recipes=args.recipes, runs=records,
-                environment=env)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    md = (f"# PTQ table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command.strip()}`\n\n"
+                budget=args.budget, seeds=args.seeds, bits=args.bits, recipes=args.recipes, runs=records)
+    md = write_benchmark_record(args.out, data, f"# PTQ table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command.strip()}`\n\n"
           f"Top-1 (%) on {fp.n} test images, mean ± sample std over calibration seeds {args.seeds} "
           f"({args.budget} budget); time: quantization wall time of one run, averaged over bit-widths and seeds.\n\n"
-          f"{table}\n\n## Environment\n\n{environment_markdown(env)}\n")
-    args.out.with_suffix(".md").write_text(md)
+          f"{table}\n")
     print(md)
     return 0
 

@@ -11,7 +11,6 @@ iteration count. Writes ``benchmarks/results/ptq_timing.{md,json}`` (command, da
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 import qvit
 from qvit.ptq.steps import PTQContext
-from qvit.report import environment_info, environment_markdown
+from qvit.report import write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,11 +76,6 @@ def main(argv=None) -> int:
         print(f"{name}: {r['seconds']:.1f}s (extrapolated to the published budget: {r['extrapolated_seconds']:.0f}s)",
               flush=True)
     command = ("python benchmarks/ptq_timing.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    env = environment_info()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(command=command, model=args.model, w_bits=args.w_bits,
-                                                             a_bits=args.a_bits, device=args.device, runs=rows,
-                                                             environment=env), indent=2) + "\n")
     lines = ["| recipe | calib images | measured (s) | capture (s) | training (s) | iters/unit timed | "
              "published iters/unit | extrapolated (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -89,12 +83,12 @@ def main(argv=None) -> int:
                      f"{r['train_seconds']:.1f} | {r['recon_iters'] or '-'} | "
                      f"{'/'.join(map(str, r['full_iters'])) if r['full_iters'] else '-'} | "
                      f"{r['extrapolated_seconds']:.0f} |")
-    md = (f"# PTQ wall time: {args.model} W{args.w_bits}A{args.a_bits} on {args.device}\n\nCommand: `{command}`\n\n"
+    data = dict(command=command, model=args.model, w_bits=args.w_bits, a_bits=args.a_bits, device=args.device,
+                runs=rows)
+    md = write_benchmark_record(args.out, data, f"# PTQ wall time: {args.model} W{args.w_bits}A{args.a_bits} on {args.device}\n\nCommand: `{command}`\n\n"
           "Random-init weights and random calibration images. Reconstruction recipes ran the number of iterations "
           "per unit and stage given below; 'extrapolated' scales their training time linearly to the published "
-          "count (capture and the other steps as measured).\n\n" + "\n".join(lines) +
-          f"\n\n## Environment\n\n{environment_markdown(env)}\n")
-    args.out.with_suffix(".md").write_text(md)
+          "count (capture and the other steps as measured).\n\n" + "\n".join(lines))
     print(md)
     return 0
 

@@ -97,23 +97,17 @@ def main(argv=None) -> int:
            for k in ("fp", "qat")}
     time_ratio = med["qat"]["step_seconds"] / med["fp"]["step_seconds"]
     mem_ratio = med["qat"]["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
-    from qvit.report import environment_info, environment_markdown
-    env = environment_info()
+    from qvit.report import write_benchmark_record
     command = ("python benchmarks/qat_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(
-        command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
-        img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
-        environment=env), indent=2) + "\n")
-    md = (f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
+    data = dict(command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
+                img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio)
+    md = write_benchmark_record(args.out, data, f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
           f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
           "resident set.\n\n| | step (s) | peak RSS (MB) |\n|---|---|---|\n"
           f"| FP32 | {med['fp']['step_seconds']:.3f} | {med['fp']['peak_rss_mb']:.0f} |\n"
           f"| W{args.bits}A{args.bits} {args.recipe} | {med['qat']['step_seconds']:.3f} | "
-          f"{med['qat']['peak_rss_mb']:.0f} |\n| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x |\n\n"
-          f"## Environment\n\n{environment_markdown(env)}\n")
-    args.out.with_suffix(".md").write_text(md)
+          f"{med['qat']['peak_rss_mb']:.0f} |\n| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x |\n")
     print(md)
     return 0
 

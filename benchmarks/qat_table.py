@@ -25,7 +25,7 @@ import qvit
 from qvit.data import build_dataset, create_loader, subset
 from qvit.data.transforms import create_eval_transform
 from qvit.qat import quantize_qat
-from qvit.report import environment_info, environment_markdown
+from qvit.report import write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -139,16 +139,12 @@ def main(argv=None) -> int:
         for bn in (False, True):
             bn_lines.append(f"| BN re-estimation {'on' if bn else 'off'} | "
                             f"{done[f'cnn/nagel_dampen/W4A4/bn_reestimation={bn}']['top1']:.2f} |")
-    env = environment_info()
     command = ("python benchmarks/qat_table.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    args.out.with_suffix(".json").write_text(json.dumps(dict(command=command, epochs=args.epochs, seeds=args.seeds,
-                                                             runs=list(done.values()), **info, environment=env),
-                                                        indent=2) + "\n")
-    md = (f"# QAT table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command}`\n\n"
+    data = dict(command=command, epochs=args.epochs, seeds=args.seeds, runs=list(done.values()), **info)
+    md = write_benchmark_record(args.out, data, f"# QAT table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command}`\n\n"
           f"{args.epochs} epochs for every recipe; top-1 on {info['eval_images']} test images and the final fraction "
           f"of weights with oscillation frequency > 0.005, means over seeds {args.seeds}.\n\n" + "\n".join(lines) + "\n"
-          + "\n".join(bn_lines) + f"\n\n## Environment\n\n{environment_markdown(env)}\n")
-    args.out.with_suffix(".md").write_text(md)
+          + "\n".join(bn_lines))
     print(md)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 import torch
+import torch.nn as nn
 
 from .batchnorm import reestimate_bn
 from .cga import ConfidenceGuidedAnnealing
@@ -103,21 +104,18 @@ class TrackOscillations(Callback):
 class _ScheduledWeight(Callback):
     """A loss term whose weight is 0 for the first ``start`` fraction of the steps, then rises by cosine to ``weight``."""
 
-    def __init__(self, weight: float, start: float = 0.25) -> None:
+    def __init__(self, weight: float, start: float, term: Callable[[nn.Module], torch.Tensor]) -> None:
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
-        self.weight, self.start = weight, start
+        self.weight, self.start, self.term = weight, start, term
         self.current = 0.0
         self.last_value = 0.0
-
-    def term(self, trainer: Any) -> torch.Tensor:
-        raise NotImplementedError
 
     def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
         self.current = cosine_schedule(trainer.step, trainer.total_steps, 0.0, self.weight, self.start)
         if self.current <= 0:
             return None
-        value = self.term(trainer)
+        value = self.term(trainer.unwrapped_model)
         self.last_value = float(value.detach())
         return self.current * value
 
@@ -130,11 +128,7 @@ class Dampen(_ScheduledWeight):
     """Nagel's oscillation dampening ``λ(t)·L_dampen`` (λ: 0 -> ``weight`` = 0.1 by cosine after 25 %)."""
 
     def __init__(self, weight: float = 0.1, start: float = 0.25, aggregation: str = "kernel_mean") -> None:
-        super().__init__(weight, start)
-        self.aggregation = aggregation
-
-    def term(self, trainer: Any) -> torch.Tensor:
-        return dampening_loss(trainer.unwrapped_model, self.aggregation)
+        super().__init__(weight, start, lambda model: dampening_loss(model, aggregation))
 
 
 @register_callback("bin_regularizer")
@@ -142,10 +136,7 @@ class BinRegularizer(_ScheduledWeight):
     """VVTQ's variation-aware bin regularizer (λ: 0 -> 0.01 by cosine after 25 %)."""
 
     def __init__(self, weight: float = 0.01, start: float = 0.25) -> None:
-        super().__init__(weight, start)
-
-    def term(self, trainer: Any) -> torch.Tensor:
-        return bin_regularizer(trainer.unwrapped_model)
+        super().__init__(weight, start, bin_regularizer)
 
 
 @register_callback("confidence_guided_annealing")

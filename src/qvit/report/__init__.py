@@ -1,1 +1,1 @@
-from .environment import environment_info, environment_markdown
+from .environment import environment_info, environment_markdown, write_benchmark_record

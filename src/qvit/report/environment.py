@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any, Dict
 
 
@@ -42,3 +44,15 @@ def environment_info() -> Dict[str, Any]:
 def environment_markdown(info: Dict[str, Any]) -> str:
     """The environment as a markdown bullet list."""
     return "\n".join(f"- {k}: {v}" for k, v in info.items())
+
+
+def write_benchmark_record(out: Path, data: Dict[str, Any], markdown: str) -> str:
+    """Write a benchmark result as ``out.json`` (``data`` plus ``environment``) and ``out.md`` (``markdown`` plus an
+    Environment section); ``out`` has no suffix. Returns the markdown written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = environment_info()
+    out.with_suffix(".json").write_text(json.dumps({**data, "environment": env}, indent=2) + "\n")
+    md = f"{markdown.rstrip()}\n\n## Environment\n\n{environment_markdown(env)}\n"
+    out.with_suffix(".md").write_text(md)
+    return md

@@ -22,6 +22,7 @@ class QuantAttentionCore(QuantModule):
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
+    quant_flags = ("scale_after_matmul",)
     scale_after_matmul: bool = True
     tap: Optional[Callable[[torch.nn.Module, str, torch.Tensor], None]] = None
 

@@ -18,6 +18,8 @@ class QuantModule:
     """
 
     quant_slots: ClassVar[Tuple[Tuple[str, bool], ...]] = ()
+    #: plain attributes that select the module's arithmetic (saved with packed checkpoints)
+    quant_flags: ClassVar[Tuple[str, ...]] = ()
     float_class: type
 
     @classmethod
@@ -65,6 +67,10 @@ class QuantModule:
         del self.float_class, self.quant_roles
         self.__class__ = cls
         return self
+
+    def float_weights_read(self) -> Tuple[str, ...]:
+        """Child modules whose float (unquantized) ``weight`` this module's forward reads besides their own forward."""
+        return ()
 
     def _quant(self, slot: str, x):
         q = getattr(self, f"{slot}_quantizer")

@@ -30,8 +30,13 @@ class QuantAttention(QuantAttentionCore, Attention):
     ``qkv`` and ``proj`` are ordinary linear layers and are quantized as ``QuantLinear`` on their own.
     """
 
+    quant_flags = ("scale_after_matmul", "qkr")
+
     def _init_quant(self) -> None:
         self.scale_after_matmul = True
+
+    def float_weights_read(self):
+        return ("qkv",) if getattr(self, "qkr", False) else ()   # QKR multiplies the float q/k rows
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:

@@ -269,6 +269,12 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """Smallest and largest code :meth:`quantize` can return."""
         ...
 
+    def affine_form(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, int, int]]:
+        """``(scale, zero_point, qmin, qmax)`` (both ``[columns]``, integral zero-points) when :meth:`fake_quant` is
+        exactly ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``, the form ONNX's
+        QuantizeLinear/DequantizeLinear compute; ``None`` for grids that are not uniform integer grids."""
+        return None
+
     def config(self) -> Dict[str, Any]:
         """Constructor arguments that rebuild an equivalent quantizer (see ``QuantSpec``)."""
         out = dict(kind=self.kind, bits=self.bits, symmetric=self.symmetric, signed=self.signed,

@@ -84,6 +84,9 @@ class LSQQuantizer(UniformQuantizer):
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.float() * self.expand(self.scale, codes)
 
+    def affine_form(self):
+        return (self.scale.detach(), torch.zeros_like(self.scale), *self.code_range())
+
     def config(self):
         return {**super().config(), "grad_scale": self.grad_scale}
 
@@ -136,6 +139,9 @@ class LSQPlusQuantizer(LSQQuantizer):
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.float() * self.expand(self.scale, codes) + self.expand(self.offset, codes)
+
+    def affine_form(self):
+        return None   # the learnt offset is not a multiple of the step
 
     def integer_domain(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-rounding position ``(x - beta) / s``."""

@@ -95,6 +95,12 @@ class UniformQuantizer(Quantizer):
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes.float() - self.expand(self.zero_point, codes)) * self.expand(self.scale, codes)
 
+    def affine_form(self):
+        zero = self.zero_point if not self.symmetric else torch.zeros_like(self.scale)
+        if not torch.equal(zero, torch.round(zero)):
+            return None
+        return (self.scale.detach(), zero.detach(), *self.code_range())
+
     def integer_domain(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-rounding position ``x / s + z`` (shape of ``x``, in integer steps; codes are its clamped rounding).
 

@@ -1,0 +1,269 @@
+"""Packed low-bit checkpoints: ``save_quantized`` / ``load_quantized``.
+
+A packed checkpoint is one safetensors file. Every weight whose quantizer yields integer codes is stored as those
+codes bit-packed at the quantizer's bit-width (``<module>.weight.packed``, ``uint8``); everything else of the
+quantized model's ``state_dict`` (biases, norms, float layers, every quantizer's scales and zero-points) is stored
+as it is. The JSON metadata ``qvit_packed`` holds the format version, the timm architecture, each quantized
+module's quantizer kinds and settings, the packed tensors' shapes and code offsets, the float tensors' shapes (to
+reject a file written for another model) and the recipe.
+
+Loading rebuilds the quantized modules from that description, loads the state, and sets each packed weight to the
+dequantized codes, ``dequantize(quantize(W)) == fake_quant(W)``; that weight's quantizer is then switched off
+(``enabled = False``) because the weight already lies on its grid. The loaded model therefore computes exactly
+what the fake-quantized model computed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..nn import QuantModule, quant_class_for
+from ..quantizers import QuantSpec, create_quantizer
+from .packing import pack_codes, packed_nbytes, unpack_codes
+
+FORMAT = "qvit-packed"
+VERSION = 1
+METADATA_KEY = "qvit_packed"
+PACKED_SUFFIX = ".packed"
+
+
+class PackedCheckpointError(ValueError):
+    """A packed checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+def _architecture(model: nn.Module) -> Tuple[Optional[str], Dict[str, Any]]:
+    """timm name and the constructor arguments that set the model's shape (classes, input channels)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    kwargs: Dict[str, Any] = {}
+    if hasattr(model, "num_classes"):
+        kwargs["num_classes"] = int(model.num_classes)
+    first = cfg.get("first_conv")
+    if first:
+        conv = model.get_submodule(first) if first in dict(model.named_modules()) else None
+        if conv is not None and hasattr(conv, "in_channels"):
+            kwargs["in_chans"] = int(conv.in_channels)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:                       # ViT/Swin position tables depend on the input size
+        kwargs["img_size"] = list(img_size)
+    return name, kwargs
+
+
+def _float_keys(model: nn.Module) -> Dict[str, list]:
+    return {k: list(v.shape) for k, v in model.state_dict().items() if "_quantizer." not in k}
+
+
+def _quantizer_config(q) -> Optional[Dict[str, Any]]:
+    return None if q is None else {**q.config(), "lazy_init": bool(q.lazy_init)}
+
+
+def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write the prepared, calibrated ``model`` as a packed checkpoint at ``path``; returns the path.
+
+    ``recipe`` (e.g. ``{"name": "repq", "w_bits": 4, "a_bits": 4}``) is stored as metadata; by default the name and
+    version of the recipe that quantized the model (``model.qvit_recipe``) are stored.
+    """
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
+    if not modules:
+        raise ValueError("save_quantized: the model has no quantized modules (run qvit.prepare and calibrate first)")
+    for name, q in ((f"{n}.{s}", q) for n, m in modules.items() for s, q in m.quantizers()):
+        if q.enabled and not bool(q.initialized):
+            raise ValueError(f"save_quantized: quantizer {name} was never calibrated")
+    arch, kwargs = _architecture(model)
+    keep_float = {f"{n}.{child}" if n else child for n, m in modules.items() for child in m.float_weights_read()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # training-time state hung on quantizers (oscillation trackers) is not part of the deployable model
+    for n, m in modules.items():
+        for slot, q in m.quantizers():
+            for child, _ in q.named_children():
+                prefix = f"{n}.{slot}_quantizer.{child}." if n else f"{slot}_quantizer.{child}."
+                state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    tensors: Dict[str, torch.Tensor] = {}
+    packed: Dict[str, Dict[str, Any]] = {}
+    described: Dict[str, Dict[str, Any]] = {}
+    for name, m in modules.items():
+        slots = {slot: _quantizer_config(getattr(m, f"{slot}_quantizer", None)) for slot, _ in m.slots()}
+        described[name] = {"class": type(m).__name__, "slots": slots,
+                           "extra_slots": [list(s) for s in getattr(m, "extra_quant_slots", ())],
+                           "flags": {f: getattr(m, f) for f in m.quant_flags if hasattr(m, f)}}
+        for slot, is_weight in m.slots():
+            q = getattr(m, f"{slot}_quantizer", None)
+            key = f"{name}.{slot}" if name else slot
+            if not is_weight or q is None or not q.enabled or name in keep_float or key not in state:
+                continue
+            try:
+                codes = q.quantize(getattr(m, slot).detach())
+            except ValueError:
+                continue                     # no integer codes (e.g. a fractional zero-point): stays float
+            qmin, _ = q.code_range()
+            tensors[key + PACKED_SUFFIX] = pack_codes(codes, q.bits, qmin)
+            packed[key] = {"bits": q.bits, "offset": qmin, "shape": list(codes.shape), "kind": q.kind}
+            # quantize() may refresh data-dependent parameters (StatsQ's scale): store them as of the codes
+            state.update({f"{name}.{slot}_quantizer.{k}": v.detach() for k, v in
+                          list(q.named_parameters(recurse=False)) + list(q.named_buffers(recurse=False))})
+    for k, v in state.items():
+        if k not in packed:
+            tensors[k] = v.contiguous().cpu()
+    r = getattr(model, "qvit_recipe", None)
+    recipe_meta = dict(recipe) if recipe is not None else (
+        {"name": r.name, "version": r.version} if r is not None else None)
+    from .. import __version__
+    meta = {"format": FORMAT, "version": VERSION, "qvit": __version__, "architecture": arch, "model_kwargs": kwargs,
+            "recipe": recipe_meta, "modules": described, "packed": packed, "float_tensors": _float_keys(model)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: os.PathLike) -> Dict[str, Any]:
+    """The ``qvit_packed`` metadata of a packed checkpoint (validated format and version)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"packed checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PackedCheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    if raw is None:
+        raise PackedCheckpointError(f"{path} is a safetensors file but not a qvit packed checkpoint "
+                                    f"(no {METADATA_KEY!r} metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise PackedCheckpointError(f"{path}: corrupt {METADATA_KEY!r} metadata ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise PackedCheckpointError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise PackedCheckpointError(f"{path}: packed checkpoint version {meta.get('version')!r} is not supported "
+                                    f"(this qvit reads version {VERSION})")
+    return meta
+
+
+def _read_tensors(path: Path, meta: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise PackedCheckpointError(f"{path} cannot be read (truncated or corrupt?): {err}") from None
+    for key, info in meta["packed"].items():
+        blob = tensors.get(key + PACKED_SUFFIX)
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if blob is None or blob.numel() != packed_nbytes(numel, info["bits"]):
+            raise PackedCheckpointError(f"{path}: packed tensor {key} is missing or has the wrong size")
+    return tensors
+
+
+def _check_fits(path: Path, model: nn.Module, meta: Mapping[str, Any]) -> None:
+    """Raise if the float ``model`` is not the architecture the file was written for."""
+    saved = meta["float_tensors"]
+    arch = meta.get("architecture")
+    for key, shape in _float_keys(model).items():
+        if key not in saved:
+            raise PackedCheckpointError(f"{path} was written for another model ({arch}): it has no tensor {key!r}")
+        if list(saved[key]) != shape:
+            raise PackedCheckpointError(f"{path} was written for another model ({arch}): {key} has shape "
+                                        f"{tuple(saved[key])} there and {tuple(shape)} here")
+    current = _float_keys(model)
+    for key in saved:
+        if key not in current and not key.endswith(".bias"):
+            raise PackedCheckpointError(f"{path} was written for another model ({arch}): this model has no {key!r}")
+
+
+def _rebuild(model: nn.Module, meta: Mapping[str, Any], path: Path) -> None:
+    """Swap and configure the quantized modules the file describes (``model`` must already fit the file)."""
+    for name, info in meta["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise PackedCheckpointError(f"{path}: the model has no module {name!r}") from None
+        qcls = quant_class_for(module)
+        if qcls is None or qcls.__name__ != info["class"]:
+            raise PackedCheckpointError(f"{path}: module {name!r} is {type(module).__name__}, which does not "
+                                        f"quantize as {info['class']}")
+        base = {s for s, _ in qcls.quant_slots}
+        specs = {s: None if c is None else QuantSpec.from_dict({k: v for k, v in c.items() if k != "lazy_init"})
+                 for s, c in info["slots"].items() if s in base}
+        qcls.convert(module, specs, name=name)
+        for slot, is_weight in info["extra_slots"]:
+            cfg = info["slots"][slot]
+            q = None if cfg is None else create_quantizer({k: v for k, v in cfg.items() if k != "lazy_init"},
+                                                          static=is_weight)
+            if q is not None:
+                q.site = f"{name}.{slot}"
+            setattr(module, f"{slot}_quantizer", q)
+        if info["extra_slots"]:
+            module.extra_quant_slots = tuple(tuple(s) for s in info["extra_slots"])
+        for flag, value in info["flags"].items():
+            setattr(module, flag, value)
+        for slot, cfg in info["slots"].items():
+            q = getattr(module, f"{slot}_quantizer", None)
+            if q is not None and cfg is not None:
+                q.lazy_init = bool(cfg.get("lazy_init", False))
+
+
+def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+    """Rebuild the quantized model stored by :func:`save_quantized` (eval mode).
+
+    ``model``: a float model of the same architecture to start from (it is copied, never modified); by default
+    the timm architecture named in the file is created without weights. Raises :class:`PackedCheckpointError`
+    for a file that is truncated, corrupt, of another format version, or written for another model.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = _read_tensors(path, meta)
+    if model is None:
+        arch = meta.get("architecture")
+        if not arch:
+            raise PackedCheckpointError(f"{path} does not name its timm architecture; pass the float model")
+        model = timm.create_model(arch, pretrained=False, **meta.get("model_kwargs", {}))
+    else:
+        if any(isinstance(m, QuantModule) for m in model.modules()):
+            raise ValueError("load_quantized: pass the float model (not a prepared one)")
+        model = copy.deepcopy(model)
+    _check_fits(path, model, meta)
+    _rebuild(model, meta, path)
+    for key in tensors:                          # biases the recipe added (RepQ-ViT on Swin's reduction)
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "bias" and key not in model.state_dict() and not key.endswith(PACKED_SUFFIX):
+            mod = model.get_submodule(owner)
+            if isinstance(mod, nn.Linear) and mod.bias is None:
+                mod.bias = nn.Parameter(torch.zeros_like(tensors[key]))
+    state = {k: v for k, v in tensors.items() if not k.endswith(PACKED_SUFFIX)}
+    current = model.state_dict()
+    for key in meta["packed"]:
+        state[key] = current[key]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise PackedCheckpointError(f"{path} does not fit the rebuilt model: {str(err)[:600]}") from None
+    for key, info in meta["packed"].items():
+        owner, _, slot = key.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        q = getattr(module, f"{slot}_quantizer")
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        codes = unpack_codes(tensors[key + PACKED_SUFFIX], info["bits"], n, info["offset"]).view(info["shape"])
+        lo, hi = q.code_range()
+        if int(codes.min()) < lo or int(codes.max()) > hi:
+            raise PackedCheckpointError(f"{path}: codes of {key} fall outside the quantizer's range [{lo}, {hi}]")
+        with torch.no_grad():
+            getattr(module, slot).copy_(q.dequantize(codes).to(getattr(module, slot).dtype))
+        q.enabled = False
+    model.qvit_packed = {k: meta[k] for k in ("architecture", "recipe", "qvit")}
+    return model.eval()

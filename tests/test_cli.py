@@ -130,3 +130,19 @@ def test_softlabels_then_qat_with_them(folder, tmp_path, capsys):
                  "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["recipe"] == "vvtq" and record["train_overrides"]["soft_labels"] == str(soft)
+
+
+def test_export_packed_then_onnx_from_the_packed_file(folder, tmp_path, capsys):
+    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--calib-images", "4",
+              "--no-progress"]
+    packed = tmp_path / "m.safetensors"
+    assert main(["export", *common, "--recipe", "repq", "--w-bits", "4", "--a-bits", "4", "--out", str(packed)]) == 0
+    assert "repq W4A4 written to" in capsys.readouterr().out and packed.is_file()
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 0
+    text = capsys.readouterr().out
+    diff = float(text.split("max |logit difference| ")[1].split()[0])
+    assert onnx_path.is_file() and diff < 1e-3
+    packed.write_bytes(packed.read_bytes()[:100])
+    assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err

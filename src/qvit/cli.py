@@ -1,5 +1,5 @@
-"""The ``qvit`` command line: ``demo``, ``eval``, ``ptq``, ``qat``, ``softlabels``, ``report``, ``recipes``,
-``describe``."""
+"""The ``qvit`` command line: ``demo``, ``eval``, ``ptq``, ``qat``, ``export``, ``softlabels``, ``report``,
+``recipes``, ``describe``."""
 from __future__ import annotations
 
 import argparse
@@ -183,6 +183,37 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import load_quantized, save_quantized
+    from .export.onnx_export import compare_onnx, export_onnx
+    s = _Session(args)
+    if args.quantized is not None:
+        qmodel = load_quantized(args.quantized, s.model if args.checkpoint or args.model != REFERENCE_MODEL else None)
+        label = f"{args.quantized}"
+    else:
+        recipe = _load_recipe(args.recipe, args.budget)
+        if recipe.kind != "ptq":
+            raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe: train it with `qvit qat`, save it, "
+                             "and export the saved file with --quantized")
+        num = args.calib_images or recipe.calibration.get("num_images", 32)
+        calib = s.calib_images(num, recipe.calibration.get("seed", 0))
+        qmodel = quantize_ptq(s.model, recipe, calib, w_bits=args.w_bits, a_bits=args.a_bits,
+                              overrides=_overrides(args), progress=s.progress)
+        label = f"{recipe.name} W{args.w_bits}A{args.a_bits}"
+    fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "qvit")
+    example = next(iter(s.loader(subset(s.eval_set(), 8, s.seed))))[0]
+    if fmt == "qvit":
+        path = save_quantized(qmodel, args.out, recipe=None if args.quantized else
+                              {"name": recipe.name, "version": recipe.version, "w_bits": args.w_bits,
+                               "a_bits": args.a_bits})
+    else:
+        path = export_onnx(qmodel, args.out, example, opset=args.opset)
+        diff = compare_onnx(qmodel, path, example)
+        print(f"onnxruntime vs PyTorch on {example.shape[0]} images: max |logit difference| {diff:.2e}")
+    print(f"{args.model} {label} written to {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_softlabels(args: argparse.Namespace) -> int:
     from .qat.multicrop import save_soft_labels
     s = _Session(args)
@@ -324,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "one is also written at the end of every epoch)")
     qat.add_argument("--output", type=Path, help="also write the result as JSON")
     qat.set_defaults(func=cmd_qat)
+
+    ex = sub.add_parser("export", help="quantize with a PTQ recipe (or load a packed file) and write a packed "
+                                       "low-bit checkpoint or ONNX")
+    _add_model_args(ex)
+    _add_quant_args(ex)
+    ex.add_argument("--format", choices=("qvit", "onnx"),
+                    help="qvit: packed safetensors checkpoint; onnx: QDQ ONNX (default: from --out's suffix)")
+    ex.add_argument("--out", type=Path, required=True, help="file to write (.safetensors or .onnx)")
+    ex.add_argument("--quantized", type=Path, help="start from this packed checkpoint instead of running a recipe")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    ex.set_defaults(func=cmd_export)
 
     sl = sub.add_parser("softlabels", help="precompute multi-crop soft labels of the float model (for vvtq)")
     _add_model_args(sl)

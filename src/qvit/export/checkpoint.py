@@ -8,8 +8,9 @@ module's quantizer kinds and settings, the packed tensors' shapes and code offse
 reject a file written for another model) and the recipe.
 
 Loading rebuilds the quantized modules from that description, loads the state, and sets each packed weight to the
-dequantized codes, ``dequantize(quantize(W)) == fake_quant(W)``; that weight's quantizer is then switched off
-(``enabled = False``) because the weight already lies on its grid. The loaded model therefore computes exactly
+dequantized codes, ``dequantize(quantize(W)) == fake_quant(W)``. The weight then lies on its grid: a uniform
+quantizer, which maps its grid points to themselves, stays on; any other weight quantizer is switched off
+(``enabled = False``), since it may recompute its parameters from the tensor (StatsQ). The loaded model therefore computes exactly
 what the fake-quantized model computed.
 """
 from __future__ import annotations
@@ -263,7 +264,10 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
         if int(codes.min()) < lo or int(codes.max()) > hi:
             raise PackedCheckpointError(f"{path}: codes of {key} fall outside the quantizer's range [{lo}, {hi}]")
         with torch.no_grad():
-            getattr(module, slot).copy_(q.dequantize(codes).to(getattr(module, slot).dtype))
-        q.enabled = False
+            weight = getattr(module, slot)
+            weight.copy_(q.dequantize(codes).to(weight.dtype))
+            # a uniform grid maps its own points to themselves, so its quantizer stays on (ONNX export then stores
+            # integer weights); other families may recompute parameters from the tensor, so they are switched off
+            q.enabled = q.affine_form() is not None and torch.equal(q.fake_quant(weight), weight)
     model.qvit_packed = {k: meta[k] for k in ("architecture", "recipe", "qvit")}
     return model.eval()

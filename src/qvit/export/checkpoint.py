@@ -3,7 +3,8 @@
 A packed checkpoint is one safetensors file. Every weight whose quantizer yields integer codes is stored as those
 codes bit-packed at the quantizer's bit-width (``<module>.weight.packed``, ``uint8``); everything else of the
 quantized model's ``state_dict`` (biases, norms, float layers, every quantizer's scales and zero-points) is stored
-as it is. The JSON metadata ``qvit_packed`` holds the format version, the timm architecture, each quantized
+as it is, except that tensors of at most ``INLINE_NUMEL`` elements and all-zero tensors are written into the
+metadata (``inline``) to keep small files small. The JSON metadata ``qvit_packed`` holds the format version, the timm architecture, each quantized
 module's quantizer kinds and settings, the packed tensors' shapes and code offsets, the float tensors' shapes (to
 reject a file written for another model) and the recipe.
 
@@ -35,6 +36,8 @@ FORMAT = "qvit-packed"
 VERSION = 1
 METADATA_KEY = "qvit_packed"
 PACKED_SUFFIX = ".packed"
+#: tensors with at most this many elements are stored in the metadata rather than as tensors
+INLINE_NUMEL = 4
 
 
 class PackedCheckpointError(ValueError):
@@ -111,19 +114,28 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
             # quantize() may refresh data-dependent parameters (StatsQ's scale): store them as of the codes
             state.update({f"{name}.{slot}_quantizer.{k}": v.detach() for k, v in
                           list(q.named_parameters(recurse=False)) + list(q.named_buffers(recurse=False))})
+    inline: Dict[str, Any] = {}
     for k, v in state.items():
-        if k not in packed:
-            tensors[k] = v.contiguous().cpu()
+        if k in packed:
+            continue
+        v = v.contiguous().cpu()
+        if v.numel() <= INLINE_NUMEL or not bool(v.any()):
+            # tiny tensors (flags, per-tensor scales) and all-zero ones (symmetric zero-points) live in the metadata
+            inline[k] = {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                         "values": None if v.numel() > INLINE_NUMEL else v.reshape(-1).tolist()}
+        else:
+            tensors[k] = v
     r = getattr(model, "qvit_recipe", None)
     recipe_meta = dict(recipe) if recipe is not None else (
         {"name": r.name, "version": r.version} if r is not None else None)
     from .. import __version__
     meta = {"format": FORMAT, "version": VERSION, "qvit": __version__, "architecture": arch, "model_kwargs": kwargs,
-            "recipe": recipe_meta, "modules": described, "packed": packed, "float_tensors": _float_keys(model)}
+            "recipe": recipe_meta, "modules": described, "packed": packed, "inline": inline,
+            "float_tensors": _float_keys(model)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
     os.replace(tmp, path)
     return path
 
@@ -159,6 +171,15 @@ def _read_tensors(path: Path, meta: Mapping[str, Any]) -> Dict[str, torch.Tensor
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise PackedCheckpointError(f"{path} cannot be read (truncated or corrupt?): {err}") from None
+    for key, info in meta.get("inline", {}).items():
+        try:
+            dtype = getattr(torch, info["dtype"])
+            if info["values"] is None:
+                tensors[key] = torch.zeros(info["shape"], dtype=dtype)
+            else:
+                tensors[key] = torch.tensor(info["values"], dtype=dtype).reshape(info["shape"])
+        except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as err:
+            raise PackedCheckpointError(f"{path}: corrupt inline tensor {key!r} ({err})") from None
     for key, info in meta["packed"].items():
         blob = tensors.get(key + PACKED_SUFFIX)
         numel = 1

@@ -147,7 +147,7 @@ def _constants(graph) -> Dict[str, np.ndarray]:
 def fold_weight_quantization(model) -> int:
     """Replace ``QuantizeLinear`` (and the ``Clip`` after it) of constant tensors by their integer codes, and move
     ``Transpose`` of a constant ``DequantizeLinear`` into its codes; returns how many weights were folded."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
     graph = model.graph
     consts = _constants(graph)
     consumers: Dict[str, list] = {}

@@ -3,7 +3,7 @@
 Every enabled quantizer whose grid is a uniform integer grid (:meth:`Quantizer.affine_form`: uniform, LSQ) becomes
 ``QuantizeLinear -> DequantizeLinear`` (per tensor, or per axis for channel- and group-wise scales, a group's scale
 repeated over its channels), with ``Clip`` on the integer codes between them when the bit-width is below 8. Weight
-quantizers are folded: the weight is stored as ``int8``/``uint8`` codes followed by ``DequantizeLinear``. Every other
+quantizers are folded: the weight is stored as integer codes followed by ``DequantizeLinear``. Every other
 quantizer (log2, log-sqrt2, TanQ, SULQ, twin-uniform, StatsQ, power-of-two, LSQ+) is exported in its faithful float
 form: the same element-wise arithmetic (round, clip, log, exp ...) that its ``fake_quant`` runs in PyTorch.
 """
@@ -24,6 +24,10 @@ from ..models.prepare import iter_quantizers
 from ..quantizers import Quantizer
 
 DEFAULT_OPSET = 17
+#: the newest opset torch's TorchScript exporter writes; opset 21 (4-bit tensor types) is reached by relabelling, as
+#: 21 changed no semantics of the operators it emits, only added types
+TRACE_MAX_OPSET = 20
+INT4_OPSET = 21
 
 
 class _QuantizeDequantize(torch.autograd.Function):
@@ -110,11 +114,13 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def export_onnx(model: nn.Module, path: os.PathLike, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True) -> Path:
+                dynamic_batch: bool = True, unsigned_weights: bool = True) -> Path:
     """Write ``model`` (prepared and calibrated, or plain float) as ONNX at ``path``; returns the path.
 
     ``example``: an input batch ``[B, C, H, W]`` used to trace the model. Weights of QDQ layers are stored as integer
-    codes (see the module docstring); the batch dimension is dynamic unless ``dynamic_batch`` is False.
+    codes (see the module docstring): as uint8 with the zero-point shifted by 128 when ``unsigned_weights`` (the same
+    values; onnxruntime's x86 integer kernels then never saturate, see :func:`weights_to_uint8`), and from opset 21 on
+    as INT4/UINT4 where the codes fit in 4 bits. The batch dimension is dynamic unless ``dynamic_batch`` is False.
     """
     import onnx
     model = model.eval()
@@ -123,10 +129,19 @@ def export_onnx(model: nn.Module, path: os.PathLike, example: torch.Tensor, *, o
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with export_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=min(opset, TRACE_MAX_OPSET),
+                          input_names=["input"],
                           output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
     graph = onnx.load_from_string(buffer.getvalue())
     fold_weight_quantization(graph)
+    if opset > TRACE_MAX_OPSET:
+        for entry in graph.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = opset
+        if opset >= INT4_OPSET:
+            weights_to_int4(graph)
+    if unsigned_weights:
+        weights_to_uint8(graph)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, str(path))
@@ -186,6 +201,58 @@ def fold_weight_quantization(model) -> int:
     _fold_transposed_dequantize(model)
     _drop_unused(graph)
     return folded
+
+
+def weights_to_int4(model) -> int:
+    """Store the int8/uint8 codes of every constant DequantizeLinear input whose values fit in 4 bits as INT4/UINT4
+    (opset >= 21), with a zero-point of the same type; returns how many tensors were converted."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consts = _constants(graph)
+    converted = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+            continue
+        codes, zero = numpy_helper.to_array(inits[node.input[0]]), consts.get(node.input[2])
+        if zero is None or codes.dtype not in (np.int8, np.uint8):
+            continue
+        lo, hi, kind = (-8, 7, TensorProto.INT4) if codes.dtype == np.int8 else (0, 15, TensorProto.UINT4)
+        if codes.min() < lo or codes.max() > hi or zero.min() < lo or zero.max() > hi:
+            continue
+        name = node.input[0] + "_4bit"
+        graph.initializer.append(helper.make_tensor(name, kind, codes.shape, codes.flatten().tolist()))
+        graph.initializer.append(helper.make_tensor(name + "_zero", kind, zero.shape, zero.flatten().tolist()))
+        node.input[0], node.input[2] = name, name + "_zero"
+        converted += 1
+    _drop_unused(graph)
+    return converted
+
+
+def weights_to_uint8(model) -> int:
+    """Shift the int8 codes of every constant DequantizeLinear input by +128 into uint8 (zero-point +128), which
+    dequantizes to the same values; returns how many tensors were converted.
+
+    onnxruntime's x86 integer kernels multiply uint8 activations with int8 weights through ``vpmaddubsw``, whose
+    int16 pair sums saturate on CPUs without VNNI; with uint8 weights it uses a kernel that does not saturate."""
+    from onnx import numpy_helper
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consts = _constants(graph)
+    converted = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+            continue
+        codes, zero = numpy_helper.to_array(inits[node.input[0]]), consts.get(node.input[2])
+        if zero is None or codes.dtype != np.int8:
+            continue
+        name = node.input[0] + "_u8"
+        graph.initializer.append(numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name))
+        graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name + "_zero"))
+        node.input[0], node.input[2] = name, name + "_zero"
+        converted += 1
+    _drop_unused(graph)
+    return converted
 
 
 def _fold_transposed_dequantize(model) -> None:

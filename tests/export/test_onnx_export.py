@@ -97,7 +97,8 @@ def test_int4_weights_at_opset_21_and_signed_weights_on_request(tmp_path):
     assert len(four) >= 4 * 6
     codes = numpy_helper.to_array(four[0])
     assert codes.min() >= -8 and codes.max() <= 7
-    assert compare_onnx(q, path, x) <= 1e-2 * float(q(x).abs().max())
+    with torch.no_grad():
+        assert compare_onnx(q, path, x) <= 1e-2 * float(q(x).abs().max())
     signed = export_onnx(q, tmp_path / "s.onnx", x[:2], unsigned_weights=False)
     inits = [numpy_helper.to_array(i) for i in onnx.load(str(signed)).graph.initializer]
     assert sum(v.dtype == np.int8 and v.ndim == 2 for v in inits) >= 4 * 6

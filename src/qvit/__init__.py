@@ -9,7 +9,8 @@ from .config import QuantConfig
 from .quantizers import QuantSpec, create_quantizer, list_quantizers, NotCalibratedError
 from .models import (REFERENCE_MODEL, build_model, create_reference_model, describe, format_sites, iter_quantizers,
                      prepare, unprepare)
-from .ptq import calibrate, quantize_ptq
+from .calibration import calibrate, uncalibrated_sites
+from .ptq import quantize_ptq
 from .recipes import Recipe, list_recipes, load_recipe
 from .evaluate import EvalResult, evaluate
 

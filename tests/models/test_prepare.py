@@ -91,7 +91,7 @@ def test_uncalibrated_model_raises_clear_error():
     model = qvit.prepare(timm.create_model("test_vit").eval())
     with pytest.raises(qvit.NotCalibratedError, match="never calibrated"):
         model(torch.randn(1, 3, 160, 160))
-    assert len(qvit.ptq.uncalibrated_sites(model)) == len(qvit.describe(model, include_float=False))
+    assert len(qvit.uncalibrated_sites(model)) == len(qvit.describe(model, include_float=False))
 
 
 def test_overrides_by_glob_and_disabled_sites():

@@ -8,7 +8,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import qvit
-from qvit.ptq import calibrate, list_steps
+from qvit.calibration import calibrate
+from qvit.ptq import list_steps
 from qvit.ptq.reconstruct import (capture_unit_io, find_units, lp_loss, qdrop, quant_state, reconstruct,
                                   reconstruct_unit, trainable_parameters, unit_data, unit_loss)
 from qvit.quantizers import Quantizer

@@ -8,7 +8,7 @@ from timm.models.swin_transformer import SwinTransformer
 
 import qvit
 import qvit.ptq.reparam  # noqa: F401  (registers the reparameterize_post_ln step)
-from qvit.ptq import calibrate
+from qvit.calibration import calibrate
 from qvit.ptq.reparam import (find_post_ln_pairs, match_reparameterized_state, reparameterize_pair,
                               reparameterize_post_ln, target_scale)
 from qvit.quantizers import create_quantizer
@@ -68,7 +68,7 @@ def test_float_output_unchanged(arch):
     after = float_output(model, x)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     assert set(input_granularities(model).values()) == {"tensor"}
-    assert qvit.ptq.uncalibrated_sites(model) == []  # the reset weight quantizers were re-calibrated
+    assert qvit.uncalibrated_sites(model) == []  # the reset weight quantizers were re-calibrated
     if arch == "swin":
         assert "layers.1.downsample.reduction" in result.layers
         assert model.layers[1].downsample.reduction.bias is not None  # created: the layer had none

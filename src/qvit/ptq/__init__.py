@@ -1,4 +1,3 @@
-from .calibrate import calibrate, iter_batches, uncalibrated_sites
 from .steps import PTQContext, list_steps, register_step
 from .pipeline import quantize_ptq
 from .reparam import find_post_ln_pairs, match_reparameterized_state, reparameterize_post_ln

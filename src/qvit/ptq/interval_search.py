@@ -43,7 +43,7 @@ from ..quantizers import Quantizer
 from ..quantizers.base import MIN_SCALE, set_tensor
 from ..quantizers.twin_uniform import TwinUniformQuantizer
 from ..quantizers.uniform import UniformQuantizer
-from .calibrate import Batches, iter_batches
+from ..calibration import Batches, iter_batches
 from .reconstruct import quant_state
 from .steps import PTQContext, register_step
 

@@ -41,7 +41,7 @@ from ..models.prepare import iter_quantizers
 from ..models.roles import stem_and_head
 from ..quantizers import Quantizer
 from .adaround import AdaRoundWeight, adaround, beta_at, commit
-from .calibrate import Batches, calibrate, iter_batches
+from ..calibration import Batches, calibrate, iter_batches
 from .steps import PTQContext, register_step
 
 INPUT_SOURCES = ("fp", "quantized")

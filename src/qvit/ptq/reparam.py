@@ -36,7 +36,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from timm.models.vision_transformer import Block as VitBlock
 
 from ..quantizers import Quantizer
-from .calibrate import calibrate
+from ..calibration import calibrate
 from .steps import PTQContext, register_step
 
 TARGETS = ("mean", "median")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..recipes import resolve_by_bits
-from .calibrate import calibrate
+from ..calibration import calibrate
 
 _STEPS: Dict[str, Callable[..., None]] = {}
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..data import calibration_batch
 from ..models.prepare import prepare
-from ..ptq.calibrate import calibrate
+from ..calibration import calibrate
 from ..recipes import Recipe, load_recipe, resolve_by_bits
 from .callbacks import create_callback
 from .trainer import QATTrainer, TrainConfig, copy_teacher

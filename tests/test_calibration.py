@@ -3,7 +3,7 @@ import timm
 import torch
 
 import qvit
-from qvit.ptq import calibrate, uncalibrated_sites
+from qvit.calibration import calibrate, uncalibrated_sites
 
 
 def _model():

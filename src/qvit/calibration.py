@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..models.prepare import iter_quantizers
+from .models.prepare import iter_quantizers
 
 Batches = Union[torch.Tensor, Iterable]
 

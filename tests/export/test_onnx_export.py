@@ -107,3 +107,21 @@ def test_int4_weights_at_opset_21_and_signed_weights_on_request(tmp_path):
 def test_uncalibrated_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="never calibrated"):
         export_onnx(qvit.prepare(_vit()), tmp_path / "m.onnx", _images())
+
+
+@pytest.mark.parametrize("arch", ["swin", "test_efficientnet", "test_resnet"])
+def test_swin_and_cnns_pack_and_export(arch, tmp_path):
+    torch.manual_seed(0)
+    if arch == "swin":      # a two-stage Swin: window attention, shifted windows, patch merging (repq adds its bias)
+        fp = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2), num_heads=(1, 2),
+                               img_size=56, num_classes=5).eval()
+        recipe, x = "repq", torch.randn(8, 3, 56, 56)
+    else:
+        fp = timm.create_model(arch, num_classes=5).eval()
+        recipe, x = "minmax", torch.randn(8, 3, 64, 64)
+    q = qvit.quantize_ptq(fp, recipe, x, w_bits=4, a_bits=4, progress=False).eval()
+    loaded = load_quantized(save_quantized(q, tmp_path / "m.safetensors"), fp)   # custom shapes: pass the float model
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+        scale = float(q(x).abs().max())
+    assert compare_onnx(q, export_onnx(loaded, tmp_path / "m.onnx", x[:2]), x) <= 1e-3 * scale

@@ -191,7 +191,7 @@ def test_per_tensor_inputs_are_skipped_and_uncalibrated_inputs_rejected():
 def test_recipes_run_end_to_end(recipe, probs, target):
     fp = timm.create_model("test_vit").eval()
     x = torch.randn(4, 3, 160, 160)
-    q = qvit.quantize_ptq(fp, recipe, x, w_bits=4, a_bits=4, progress=False)
+    q = qvit.quantize_ptq(fp, qvit.load_recipe(recipe).quick_variant(), x, w_bits=4, a_bits=4, progress=False)
     rows = qvit.describe(q, include_float=False)
     post_ln = [r for r in rows if r.role in ("qkv.input", "fc1.input")]
     assert len(post_ln) == 12 and all(r.granularity == "tensor" and r.calibrated for r in post_ln)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -86,11 +87,9 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     keep_float = {f"{n}.{child}" if n else child for n, m in modules.items() for child in m.float_weights_read()}
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # training-time state hung on quantizers (oscillation trackers) is not part of the deployable model
-    for n, m in modules.items():
-        for slot, q in m.quantizers():
-            for child, _ in q.named_children():
-                prefix = f"{n}.{slot}_quantizer.{child}." if n else f"{slot}_quantizer.{child}."
-                state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    training_state = tuple(f"{n}.{slot}_quantizer.{child}." if n else f"{slot}_quantizer.{child}."
+                           for n, m in modules.items() for slot, q in m.quantizers() for child, _ in q.named_children())
+    state = {k: v for k, v in state.items() if not k.startswith(training_state)}
     tensors: Dict[str, torch.Tensor] = {}
     packed: Dict[str, Dict[str, Any]] = {}
     described: Dict[str, Dict[str, Any]] = {}
@@ -182,10 +181,7 @@ def _read_tensors(path: Path, meta: Mapping[str, Any]) -> Dict[str, torch.Tensor
             raise PackedCheckpointError(f"{path}: corrupt inline tensor {key!r} ({err})") from None
     for key, info in meta["packed"].items():
         blob = tensors.get(key + PACKED_SUFFIX)
-        numel = 1
-        for d in info["shape"]:
-            numel *= d
-        if blob is None or blob.numel() != packed_nbytes(numel, info["bits"]):
+        if blob is None or blob.numel() != packed_nbytes(math.prod(info["shape"]), info["bits"]):
             raise PackedCheckpointError(f"{path}: packed tensor {key} is missing or has the wrong size")
     return tensors
 
@@ -194,13 +190,13 @@ def _check_fits(path: Path, model: nn.Module, meta: Mapping[str, Any]) -> None:
     """Raise if the float ``model`` is not the architecture the file was written for."""
     saved = meta["float_tensors"]
     arch = meta.get("architecture")
-    for key, shape in _float_keys(model).items():
+    current = _float_keys(model)
+    for key, shape in current.items():
         if key not in saved:
             raise PackedCheckpointError(f"{path} was written for another model ({arch}): it has no tensor {key!r}")
         if list(saved[key]) != shape:
             raise PackedCheckpointError(f"{path} was written for another model ({arch}): {key} has shape "
                                         f"{tuple(saved[key])} there and {tuple(shape)} here")
-    current = _float_keys(model)
     for key in saved:
         if key not in current and not key.endswith(".bias"):
             raise PackedCheckpointError(f"{path} was written for another model ({arch}): this model has no {key!r}")
@@ -259,9 +255,10 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
         model = copy.deepcopy(model)
     _check_fits(path, model, meta)
     _rebuild(model, meta, path)
+    existing = model.state_dict()
     for key in tensors:                          # biases the recipe added (RepQ-ViT on Swin's reduction)
         owner, _, leaf = key.rpartition(".")
-        if leaf == "bias" and key not in model.state_dict() and not key.endswith(PACKED_SUFFIX):
+        if leaf == "bias" and key not in existing:
             mod = model.get_submodule(owner)
             if isinstance(mod, nn.Linear) and mod.bias is None:
                 mod.bias = nn.Parameter(torch.zeros_like(tensors[key]))
@@ -277,10 +274,8 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
         owner, _, slot = key.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         q = getattr(module, f"{slot}_quantizer")
-        n = 1
-        for d in info["shape"]:
-            n *= d
-        codes = unpack_codes(tensors[key + PACKED_SUFFIX], info["bits"], n, info["offset"]).view(info["shape"])
+        codes = unpack_codes(tensors[key + PACKED_SUFFIX], info["bits"], math.prod(info["shape"]),
+                             info["offset"]).view(info["shape"])
         lo, hi = q.code_range()
         if int(codes.min()) < lo or int(codes.max()) > hi:
             raise PackedCheckpointError(f"{path}: codes of {key} fall outside the quantizer's range [{lo}, {hi}]")

@@ -188,44 +188,55 @@ def fold_weight_quantization(model) -> int:
         if len(users) == 1 and users[0].op_type == "Clip" and all(n in consts for n in users[0].input[1:3]):
             lo, hi = int(consts[users[0].input[1]]), int(consts[users[0].input[2]])
             producer = users[0]
-            drop.add(id(users[0]))
+            drop.add(users[0].output[0])
         codes = np.clip(codes, lo, hi).astype(zero.dtype)
         name = producer.output[0]
         new_inits.append(numpy_helper.from_array(codes, name))
-        drop.add(id(node))
+        drop.add(node.output[0])
         folded += 1
-    keep = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
+    _remove_nodes(graph, lambda n: n.op_type in ("QuantizeLinear", "Clip") and n.output[0] in drop)
     graph.initializer.extend(new_inits)
     _fold_transposed_dequantize(model)
     _drop_unused(graph)
     return folded
 
 
+def _constant_dequantize(graph) -> Iterator[Tuple[object, np.ndarray, np.ndarray]]:
+    """``(node, codes, zero_point)`` for every DequantizeLinear whose codes are an initializer and whose
+    zero-point is constant."""
+    from onnx import numpy_helper
+    inits = {i.name: i for i in graph.initializer}
+    consts = _constants(graph)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and len(node.input) >= 3:
+            zero = consts.get(node.input[2])
+            if zero is not None:
+                yield node, numpy_helper.to_array(inits[node.input[0]]), zero
+
+
+def _replace_codes(graph, node, codes, zero, suffix: str) -> None:
+    """Point DequantizeLinear ``node`` at new initializers (TensorProtos) for its codes and zero-point."""
+    codes.name = node.input[0] + suffix
+    zero.name = codes.name + "_zero"
+    graph.initializer.extend([codes, zero])
+    node.input[0], node.input[2] = codes.name, zero.name
+
+
 def weights_to_int4(model) -> int:
     """Store the int8/uint8 codes of every constant DequantizeLinear input whose values fit in 4 bits as INT4/UINT4
     (opset >= 21), with a zero-point of the same type; returns how many tensors were converted."""
-    from onnx import TensorProto, helper, numpy_helper
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    consts = _constants(graph)
+    from onnx import TensorProto, helper
     converted = 0
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
-            continue
-        codes, zero = numpy_helper.to_array(inits[node.input[0]]), consts.get(node.input[2])
-        if zero is None or codes.dtype not in (np.int8, np.uint8):
+    for node, codes, zero in list(_constant_dequantize(model.graph)):
+        if codes.dtype not in (np.int8, np.uint8):
             continue
         lo, hi, kind = (-8, 7, TensorProto.INT4) if codes.dtype == np.int8 else (0, 15, TensorProto.UINT4)
         if codes.min() < lo or codes.max() > hi or zero.min() < lo or zero.max() > hi:
             continue
-        name = node.input[0] + "_4bit"
-        graph.initializer.append(helper.make_tensor(name, kind, codes.shape, codes.flatten().tolist()))
-        graph.initializer.append(helper.make_tensor(name + "_zero", kind, zero.shape, zero.flatten().tolist()))
-        node.input[0], node.input[2] = name, name + "_zero"
+        _replace_codes(model.graph, node, helper.make_tensor("", kind, codes.shape, codes.flatten().tolist()),
+                       helper.make_tensor("", kind, zero.shape, zero.flatten().tolist()), "_4bit")
         converted += 1
-    _drop_unused(graph)
+    _drop_unused(model.graph)
     return converted
 
 
@@ -236,22 +247,14 @@ def weights_to_uint8(model) -> int:
     onnxruntime's x86 integer kernels multiply uint8 activations with int8 weights through ``vpmaddubsw``, whose
     int16 pair sums saturate on CPUs without VNNI; with uint8 weights it uses a kernel that does not saturate."""
     from onnx import numpy_helper
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    consts = _constants(graph)
     converted = 0
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
+    for node, codes, zero in list(_constant_dequantize(model.graph)):
+        if codes.dtype != np.int8:
             continue
-        codes, zero = numpy_helper.to_array(inits[node.input[0]]), consts.get(node.input[2])
-        if zero is None or codes.dtype != np.int8:
-            continue
-        name = node.input[0] + "_u8"
-        graph.initializer.append(numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), name))
-        graph.initializer.append(numpy_helper.from_array((zero.astype(np.int16) + 128).astype(np.uint8), name + "_zero"))
-        node.input[0], node.input[2] = name, name + "_zero"
+        shift = lambda a: numpy_helper.from_array((a.astype(np.int16) + 128).astype(np.uint8))   # noqa: E731
+        _replace_codes(model.graph, node, shift(codes), shift(zero), "_u8")
         converted += 1
-    _drop_unused(graph)
+    _drop_unused(model.graph)
     return converted
 
 
@@ -283,20 +286,24 @@ def _fold_transposed_dequantize(model) -> None:
                 attr.i = perm.index(attr.i % codes.ndim)
         dq.input[0] = new_name
         dq.output[0] = node.output[0]
-        drop.add(id(node))
-    keep = [n for n in graph.node if id(n) not in drop]
+        drop.add(node.output[0])
+    _remove_nodes(graph, lambda n: n.op_type == "Transpose" and n.output[0] in drop)
+
+
+def _remove_nodes(graph, remove) -> None:
+    """Remove the nodes for which ``remove(node)`` is true."""
+    keep = [n for n in graph.node if not remove(n)]
     del graph.node[:]
     graph.node.extend(keep)
 
 
 def _drop_unused(graph) -> None:
+    """Remove initializers and Constant nodes nothing reads."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _remove_nodes(graph, lambda n: n.op_type == "Constant" and n.output[0] not in used)
 
 
 def compare_onnx(model: nn.Module, path: os.PathLike, images: torch.Tensor, *, optimize: bool = False,

@@ -6,13 +6,13 @@
 
 Not a test: the full table takes hours on a small CPU (the reconstruction recipes dominate). Every finished run is
 appended to ``<out>.partial.jsonl`` at once; re-running the same command skips the runs already there, so an
-interrupted table loses at most one run. The record (``<out>.md`` and ``<out>.json``, default
+interrupted table loses at most one run. Runs made with other reference weights, another budget, another number of
+test images or an older recipe version are not reused. The record (``<out>.md`` and ``<out>.json``, default
 ``benchmarks/results/ptq_table``) names the command, the date, the machine and the versions.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +24,8 @@ import torch
 import qvit
 from qvit.data import build_dataset, calibration_batch, create_loader, subset
 from qvit.data.transforms import create_eval_transform
-from qvit.report import write_benchmark_record
+from qvit.models import reference_weights_id
+from qvit.report import append_run, load_runs, write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,16 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_key(recipe: str, bits: int, seed: int) -> str:
     return f"{recipe}/W{bits}A{bits}/seed{seed}"
-
-
-def load_partial(path: Path) -> Dict[str, Dict[str, Any]]:
-    done: Dict[str, Dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                done[rec["key"]] = rec
-    return done
 
 
 def summarize(records: List[Dict[str, Any]], recipes: List[str], bits: List[int], fp: float) -> str:
@@ -84,7 +75,6 @@ def main(argv=None) -> int:
         qvit.load_recipe(r)  # unknown names fail before any work
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial.jsonl")
-    done = load_partial(partial)
 
     model = qvit.create_reference_model()
     transform = create_eval_transform(model)
@@ -94,14 +84,16 @@ def main(argv=None) -> int:
     train = build_dataset(None, "train", transform)
     fp = qvit.evaluate(model, loader, progress=False)
     print(f"FP32: {fp}", flush=True)
+    settings = dict(weights=reference_weights_id(), budget=args.budget, eval_images=fp.n)
+    done = load_runs(partial, settings)
 
     runs = [(r, b, s) for r in args.recipes for b in args.bits for s in args.seeds]
     calib: Dict[tuple, torch.Tensor] = {}
     for i, (name, bits, seed) in enumerate(runs, 1):
         key = run_key(name, bits, seed)
-        if key in done:
-            continue
         recipe = qvit.load_recipe(name)
+        if key in done and done[key]["recipe_version"] == recipe.version:
+            continue
         recipe = recipe.quick_variant() if args.budget == "quick" else recipe
         num = recipe.calibration.get("num_images", 32)
         if (num, seed) not in calib:
@@ -112,16 +104,15 @@ def main(argv=None) -> int:
         res = qvit.evaluate(qmodel, loader, progress=False)
         rec = dict(key=key, recipe=name, recipe_version=recipe.version, budget=args.budget, bits=bits, seed=seed,
                    calib_images=num, top1=res.top1, top5=res.top5, eval_images=res.n, seconds=seconds)
-        with open(partial, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        done[key] = rec
+        done[key] = append_run(partial, rec, settings)
         print(f"[{i}/{len(runs)}] {key}: top-1 {res.top1:.2f}% (quantized in {seconds:.1f}s)", flush=True)
 
     records = [done[run_key(*r)] for r in runs]
     command = "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = summarize(records, args.recipes, args.bits, fp.top1)
-    data = dict(command=command.strip(), model=qvit.REFERENCE_MODEL, fp_top1=fp.top1, eval_images=fp.n,
-                budget=args.budget, seeds=args.seeds, bits=args.bits, recipes=args.recipes, runs=records)
+    data = dict(command=command.strip(), model=qvit.REFERENCE_MODEL, weights=settings["weights"], fp_top1=fp.top1,
+                eval_images=fp.n, budget=args.budget, seeds=args.seeds, bits=args.bits, recipes=args.recipes,
+                runs=records)
     md = write_benchmark_record(args.out, data, f"# PTQ table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command.strip()}`\n\n"
           f"Top-1 (%) on {fp.n} test images, mean ± sample std over calibration seeds {args.seeds} "
           f"({args.budget} budget); time: quantization wall time of one run, averaged over bit-widths and seeds.\n\n"

@@ -7,7 +7,8 @@ re-estimation on a small MobileNetV2-style CNN (28x28) trained here.
 
 Not a test: hours on a small CPU. Every finished run (its qvit qat run directory under --work-dir, with metrics and
 checkpoints) is recorded in ``<out>.partial.jsonl``; re-running the command skips finished runs and resumes an
-interrupted one from its last checkpoint. Writes ``<out>.md`` / ``<out>.json`` (default benchmarks/results/qat_table).
+interrupted one from its last checkpoint. Runs made with other reference weights, epochs or data sizes are not reused
+(run directories are named by a hash of those settings). Writes ``<out>.md`` / ``<out>.json`` (default benchmarks/results/qat_table).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import qvit
 from qvit.data import build_dataset, create_loader, subset
 from qvit.data.transforms import create_eval_transform
 from qvit.qat import quantize_qat
-from qvit.report import write_benchmark_record
+from qvit.models import reference_weights_id
+from qvit.report import append_run, load_runs, settings_tag, write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,6 +53,12 @@ def _eval_loader(model: torch.nn.Module, eval_images) -> List:
     return list(zip(torch.cat(xs).split(500), torch.cat(ys).split(500)))
 
 
+def run_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """What a finished run depends on besides its recipe, bits and seed."""
+    return dict(weights=reference_weights_id(), epochs=args.epochs, train_images=args.train_images,
+                eval_images=args.eval_images, bn_epochs=args.bn_epochs)
+
+
 def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: Path) -> Dict[str, Any]:
     model = qvit.create_reference_model()
     loader = _eval_loader(model, args.eval_images)
@@ -62,7 +70,7 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
                 key = f"{name}/W{bits}A{bits}/seed{seed}"
                 if key in done:
                     continue
-                run_dir = args.work_dir / key.replace("/", "_")
+                run_dir = args.work_dir / settings_tag(run_settings(args)) / key.replace("/", "_")
                 resume = (run_dir / "checkpoints").exists()
                 qmodel, result = quantize_qat(model, name, train, eval_loader=loader, w_bits=bits, a_bits=bits,
                                               train_overrides={"epochs": args.epochs, "seed": seed},
@@ -72,9 +80,7 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
                 rec = dict(key=key, recipe=name, bits=bits, seed=seed, top1=top1, steps=result["steps"],
                            seconds=result["seconds"], osc_fraction=rows[-1].get("osc_fraction"),
                            frozen_fraction=rows[-1].get("frozen_fraction"), run_dir=str(run_dir))
-                with open(partial, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                done[key] = rec
+                done[key] = append_run(partial, rec, run_settings(args))
                 print(f"{key}: top-1 {top1:.2f}%, oscillating {100 * (rec['osc_fraction'] or 0):.3f}%", flush=True)
     return {"fp_top1": fp, "eval_images": sum(len(y) for _, y in loader)}
 
@@ -87,7 +93,7 @@ def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: 
     transform = create_eval_transform(qvit.create_reference_model())
     train = subset(build_dataset(None, "train", transform), args.train_images, 0)
     loader = _eval_loader(qvit.create_reference_model(), args.eval_images)
-    fp_dir = args.work_dir / "cnn_fp"
+    fp_dir = args.work_dir / settings_tag(run_settings(args)) / "cnn_fp"
     from qvit.qat import QATTrainer, TrainConfig
     cfg = TrainConfig(epochs=3, batch_size=128, lr=2e-3, weight_decay=1e-4, loss="ce", warmup_epochs=0.2)
     trainer = QATTrainer(cnn, None, train, eval_loader=loader, config=cfg, out_dir=fp_dir)
@@ -101,24 +107,20 @@ def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: 
             continue
         if bn:   # re-estimated before every evaluation, the final one included
             recipe.callbacks = recipe.callbacks + [("bn_reestimation", {"num_batches": 50})]
-        run_dir = args.work_dir / key.replace("/", "_").replace("=", "_")
+        run_dir = args.work_dir / settings_tag(run_settings(args)) / key.replace("/", "_").replace("=", "_")
         qmodel, result = quantize_qat(cnn, recipe, train, eval_loader=loader, w_bits=4, a_bits=4,
                                       train_overrides={"epochs": args.bn_epochs}, out_dir=run_dir,
                                       resume=(run_dir / "checkpoints").exists())
         top1 = qvit.evaluate(qmodel, loader, progress=False).top1
         rec = dict(key=key, bn_reestimation=bn, top1=top1, fp_top1=fp, steps=result["steps"])
-        with open(partial, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        done[key] = rec
+        done[key] = append_run(partial, rec, run_settings(args))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial.jsonl")
-    done = {}
-    if partial.exists():
-        done = {r["key"]: r for r in map(json.loads, partial.read_text().splitlines()) if r}
+    done = load_runs(partial, run_settings(args))
     info = vit_runs(args, done, partial)
     if args.bn_epochs > 0:
         bn_runs(args, done, partial)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             bn_lines.append(f"| BN re-estimation {'on' if bn else 'off'} | "
                             f"{done[f'cnn/nagel_dampen/W4A4/bn_reestimation={bn}']['top1']:.2f} |")
     command = ("python benchmarks/qat_table.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    data = dict(command=command, epochs=args.epochs, seeds=args.seeds, runs=list(done.values()), **info)
+    data = dict(command=command, settings=run_settings(args), seeds=args.seeds, runs=list(done.values()), **info)
     md = write_benchmark_record(args.out, data, f"# QAT table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command}`\n\n"
           f"{args.epochs} epochs for every recipe; top-1 on {info['eval_images']} test images and the final fraction "
           f"of weights with oscillation frequency > 0.005, means over seeds {args.seeds}.\n\n" + "\n".join(lines) + "\n"

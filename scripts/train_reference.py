@@ -6,6 +6,9 @@
 A checkpoint is written after every epoch in ``--work-dir``; re-running the command resumes from it, so an
 interrupted run loses at most one epoch. Resuming with a larger ``--epochs`` continues training on the longer
 cosine schedule; every invocation is recorded in the weights' metadata (``commands``).
+
+With ``--ema DECAY`` an exponential moving average of the weights (timm's ``ModelEmaV3``, updated after every
+optimizer step) is kept, evaluated after every epoch beside the raw weights, and it is what the run saves.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from qvit.data import FashionMNIST
@@ -60,6 +64,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", action="store_true", help="random 2-pixel shifts and horizontal flips")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the blocks")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="keep an EMA of the weights with this per-step decay and save it (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "reference")
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     x_train, y_train = FashionMNIST("train").tensors()
     x_test, y_test = FashionMNIST("test").tensors()
-    model = qvit_vit_tiny_fmnist()
+    model = qvit_vit_tiny_fmnist(drop_path_rate=args.drop_path)
+    ema = ModelEmaV3(model, decay=args.ema, stochastic_rounding=False) if args.ema else None
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -99,6 +107,10 @@ def main(argv=None) -> int:
         gen.set_state(ckpt["gen"])
         torch.set_rng_state(ckpt["rng"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
+        if ema is not None:
+            if "ema" not in ckpt:
+                raise SystemExit(f"{ckpt_path} was written without --ema; use a new --work-dir for an EMA run")
+            ema.module.load_state_dict(ckpt["ema"])
         commands = ckpt.get("commands", ["python scripts/train_reference.py"])
         print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if not commands or commands[-1] != invocation.strip():
@@ -121,22 +133,34 @@ def main(argv=None) -> int:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update(model, step=step + 1)
             running = 0.98 * running + 0.02 * loss.item() if i else loss.item()
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
-        acc = evaluate(model, x_test, y_test)
-        history.append({"epoch": epoch + 1, "loss": running, "test_top1": acc})
-        print(f"epoch {epoch + 1}: train loss {running:.4f}, test top-1 {acc:.2f}%", flush=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "commands": commands},
-                   ckpt_path)
+        record = {"epoch": epoch + 1, "loss": running, "test_top1": evaluate(model, x_test, y_test)}
+        if ema is not None:
+            record["raw_test_top1"] = record["test_top1"]
+            record["test_top1"] = evaluate(ema.module, x_test, y_test)
+        history.append(record)
+        raw = f" (raw weights {record['raw_test_top1']:.2f}%)" if ema is not None else ""
+        print(f"epoch {epoch + 1}: train loss {running:.4f}, test top-1 {record['test_top1']:.2f}%{raw}", flush=True)
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                 "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "commands": commands}
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(ckpt_path)
 
     acc = history[-1]["test_top1"]
     meta = {"model": REFERENCE_MODEL, "arch": ARCH, "test_top1": acc, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "label_smoothing": args.label_smoothing, "augment": args.augment, "seed": args.seed, "history": history,
+            "label_smoothing": args.label_smoothing, "augment": args.augment, "drop_path": args.drop_path,
+            "ema": args.ema, "seed": args.seed, "history": history,
             "torch": torch.__version__, "commands": commands}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    final = ema.module if ema is not None else model
+    state = {k: v.contiguous() for k, v in final.state_dict().items()}
     save_file(state, str(args.out), metadata={"qvit": json.dumps(meta)})
     print(f"saved {args.out} (test top-1 {acc:.2f}%, {time.time() - t0:.0f}s)")
     return 0

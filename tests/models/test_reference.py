@@ -4,7 +4,8 @@ import torch
 
 import qvit
 from qvit.data import FashionMNIST
-from qvit.models.reference import REFERENCE_MODEL, reference_weights_metadata, reference_weights_path
+from qvit.models.reference import (REFERENCE_MODEL, reference_weights_id, reference_weights_metadata,
+                                   reference_weights_path)
 
 #: The shipped weights' recorded Fashion-MNIST test top-1 must reach this (%). The goal is 90 %.
 MIN_REFERENCE_TOP1 = 89.0
@@ -23,6 +24,12 @@ def test_shipped_weights_and_their_metadata():
     meta = reference_weights_metadata()
     assert meta["test_top1"] >= MIN_REFERENCE_TOP1
     assert meta["model"] == REFERENCE_MODEL and meta["history"][-1]["test_top1"] == meta["test_top1"]
+
+
+def test_weights_id_is_the_files_sha256_prefix():
+    import hashlib
+    digest = hashlib.sha256(reference_weights_path().read_bytes()).hexdigest()
+    assert reference_weights_id() == digest[:16]
 
 
 @pytest.mark.slow

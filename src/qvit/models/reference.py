@@ -42,6 +42,15 @@ def reference_weights_path() -> Optional[Path]:
     return None
 
 
+def reference_weights_id() -> Optional[str]:
+    """The first 16 hex digits of the reference weights file's SHA-256 (None when there are no weights)."""
+    path = reference_weights_path()
+    if path is None:
+        return None
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def reference_weights_metadata() -> Dict[str, Any]:
     """The training metadata stored beside the weights (test top-1, epochs, seed, command)."""
     path = reference_weights_path()

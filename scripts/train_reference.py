@@ -9,6 +9,17 @@ cosine schedule; every invocation is recorded in the weights' metadata (``comman
 
 With ``--ema DECAY`` an exponential moving average of the weights (timm's ``ModelEmaV3``, updated after every
 optimizer step) is kept, evaluated after every epoch beside the raw weights, and it is what the run saves.
+
+Distillation (DeiT's recipe for data-limited ViTs: a convnet teacher passes on its inductive bias):
+
+    python scripts/train_reference.py --arch cnn --epochs 12 --augment --work-dir outputs/teacher \
+        --out outputs/teacher/cnn_fmnist.safetensors          # the convnet teacher
+    python scripts/train_reference.py --init src/qvit/assets/qvit_vit_tiny_fmnist.safetensors \
+        --teacher outputs/teacher/cnn_fmnist.safetensors --epochs 6 --lr 2e-4 --augment --ema 0.999
+
+``--init FILE`` starts from saved weights and carries their recorded commands and history forward;
+``--teacher FILE`` adds DeiT's hard distillation (the loss is the mean of the cross-entropy against the labels
+and against the teacher's top-1 on the same augmented images; ``--distill soft`` uses the temperature-scaled KL).
 """
 from __future__ import annotations
 
@@ -29,6 +40,51 @@ from qvit.data import FashionMNIST
 from qvit.models.reference import ARCH, REFERENCE_MODEL, WEIGHTS_NAME, qvit_vit_tiny_fmnist
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cnn_fmnist(widths=(32, 64, 128), num_classes: int = 10) -> torch.nn.Sequential:
+    """The distillation teacher: a VGG-style convnet for [B,1,28,28] input (two 3x3 conv-BN-ReLU per stage,
+    2x2 max-pooling between stages, global average pooling, dropout, linear head). About 22M MACs per image."""
+    layers, cin = [], 1
+    for i, w in enumerate(widths):
+        if i:
+            layers.append(torch.nn.MaxPool2d(2))
+        for _ in range(2):
+            layers += [torch.nn.Conv2d(cin, w, 3, padding=1, bias=False), torch.nn.BatchNorm2d(w),
+                       torch.nn.ReLU(inplace=True)]
+            cin = w
+    layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.3),
+               torch.nn.Linear(cin, num_classes)]
+    return torch.nn.Sequential(*layers)
+
+
+def load_weights(path: Path) -> tuple:
+    """(state_dict, metadata dict) of a safetensors file written by this script."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("qvit", "{}"))
+    return load_file(str(path)), meta
+
+
+def load_teacher(path: Path) -> torch.nn.Module:
+    """The frozen teacher saved by ``--arch cnn``."""
+    state, meta = load_weights(path)
+    if meta.get("model") != "cnn_fmnist":
+        raise SystemExit(f"{path} is not a teacher written by --arch cnn (model: {meta.get('model')!r})")
+    teacher = cnn_fmnist()
+    teacher.load_state_dict(state)
+    return teacher.eval().requires_grad_(False)
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """DeiT's hard distillation (cross-entropy against the teacher's top-1) or soft KL at a temperature.
+    logits, teacher_logits: [B, classes]."""
+    if kind == "hard":
+        return F.cross_entropy(logits, teacher_logits.argmax(-1))
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean",
+                    log_target=True) * t * t
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -67,6 +123,12 @@ def main(argv=None) -> int:
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the blocks")
     p.add_argument("--ema", type=float, default=0.0,
                    help="keep an EMA of the weights with this per-step decay and save it (0: off)")
+    p.add_argument("--arch", choices=("vit", "cnn"), default="vit",
+                   help="vit: the reference model; cnn: the distillation teacher")
+    p.add_argument("--init", type=Path, help="start from these saved weights (a file this script wrote)")
+    p.add_argument("--teacher", type=Path, help="distil from this teacher (written by --arch cnn)")
+    p.add_argument("--distill", choices=("hard", "soft"), default="hard")
+    p.add_argument("--distill-temperature", type=float, default=3.0, help="for --distill soft")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "reference")
@@ -78,7 +140,15 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     x_train, y_train = FashionMNIST("train").tensors()
     x_test, y_test = FashionMNIST("test").tensors()
-    model = qvit_vit_tiny_fmnist(drop_path_rate=args.drop_path)
+    model = qvit_vit_tiny_fmnist(drop_path_rate=args.drop_path) if args.arch == "vit" else cnn_fmnist()
+    init_meta = {}
+    if args.init is not None:
+        state, init_meta = load_weights(args.init)
+        model.load_state_dict(state)
+    teacher = load_teacher(args.teacher) if args.teacher is not None else None
+    if teacher is not None:
+        teacher_acc = evaluate(teacher, x_test, y_test)
+        print(f"teacher {args.teacher}: test top-1 {teacher_acc:.2f}%")
     ema = ModelEmaV3(model, decay=args.ema, stochastic_rounding=False) if args.ema else None
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim > 1 and "pos_embed" not in n and "cls_token" not in n)]
@@ -98,7 +168,8 @@ def main(argv=None) -> int:
     ckpt_path = args.work_dir / "last.pt"
     start_epoch, history = 0, []
     invocation = "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    commands = []
+    commands = list(init_meta.get("commands", []))
+    prior_history = list(init_meta.get("history", []))
     gen = torch.Generator().manual_seed(args.seed)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -112,6 +183,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{ckpt_path} was written without --ema; use a new --work-dir for an EMA run")
             ema.module.load_state_dict(ckpt["ema"])
         commands = ckpt.get("commands", ["python scripts/train_reference.py"])
+        init_meta = ckpt.get("init_meta", init_meta)   # --init may name the file this run overwrites
+        prior_history = list(init_meta.get("history", []))
         print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if not commands or commands[-1] != invocation.strip():
         commands.append(invocation.strip())
@@ -129,7 +202,13 @@ def main(argv=None) -> int:
                 group["lr"] = lr_at(step)
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             xb = augment(x_train[idx], gen) if args.augment else x_train[idx]
-            loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=args.label_smoothing)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=args.label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(xb)
+                loss = 0.5 * loss + 0.5 * distill_loss(logits, teacher_logits, args.distill,
+                                                       args.distill_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -145,7 +224,8 @@ def main(argv=None) -> int:
         raw = f" (raw weights {record['raw_test_top1']:.2f}%)" if ema is not None else ""
         print(f"epoch {epoch + 1}: train loss {running:.4f}, test top-1 {record['test_top1']:.2f}%{raw}", flush=True)
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                 "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "commands": commands}
+                 "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "commands": commands,
+                 "init_meta": init_meta}
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         tmp = ckpt_path.with_suffix(".tmp")
@@ -153,11 +233,17 @@ def main(argv=None) -> int:
         tmp.replace(ckpt_path)
 
     acc = history[-1]["test_top1"]
-    meta = {"model": REFERENCE_MODEL, "arch": ARCH, "test_top1": acc, "epochs": args.epochs,
+    meta = {"model": REFERENCE_MODEL if args.arch == "vit" else "cnn_fmnist",
+            "arch": ARCH if args.arch == "vit" else "cnn_fmnist", "test_top1": acc, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing, "augment": args.augment, "drop_path": args.drop_path,
             "ema": args.ema, "seed": args.seed, "history": history,
             "torch": torch.__version__, "commands": commands}
+    if prior_history:
+        meta["init"] = {"file": args.init.name, "test_top1": init_meta.get("test_top1"), "history": prior_history}
+    if teacher is not None:
+        meta["teacher"] = {"file": args.teacher.name, "test_top1": teacher_acc, "distill": args.distill,
+                           "commands": load_weights(args.teacher)[1].get("commands", [])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     final = ema.module if ema is not None else model
     state = {k: v.contiguous() for k, v in final.state_dict().items()}

@@ -12,10 +12,11 @@ optimizer step) is kept, evaluated after every epoch beside the raw weights, and
 
 Distillation (DeiT's recipe for data-limited ViTs: a convnet teacher passes on its inductive bias):
 
-    python scripts/train_reference.py --arch cnn --epochs 12 --augment --work-dir outputs/teacher \
+    python scripts/train_reference.py --arch cnn --epochs 10 --lr 2e-3 --augment --work-dir outputs/teacher \
         --out outputs/teacher/cnn_fmnist.safetensors          # the convnet teacher
     python scripts/train_reference.py --init src/qvit/assets/qvit_vit_tiny_fmnist.safetensors \
-        --teacher outputs/teacher/cnn_fmnist.safetensors --epochs 6 --lr 2e-4 --augment --ema 0.999
+        --teacher outputs/teacher/cnn_fmnist.safetensors --epochs 8 --lr 2e-4 --augment --label-smoothing 0.1 \
+        --drop-path 0.1 --ema 0.999 --work-dir outputs/reference_kd
 
 ``--init FILE`` starts from saved weights and carries their recorded commands and history forward;
 ``--teacher FILE`` adds DeiT's hard distillation (the loss is the mean of the cross-entropy against the labels
@@ -32,12 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from qvit.data import FashionMNIST
-from qvit.models.reference import ARCH, REFERENCE_MODEL, WEIGHTS_NAME, qvit_vit_tiny_fmnist
+from qvit.models.reference import ARCH, REFERENCE_MODEL, WEIGHTS_NAME, qvit_vit_tiny_fmnist, read_weights_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,23 +59,14 @@ def cnn_fmnist(widths=(32, 64, 128), num_classes: int = 10) -> torch.nn.Sequenti
     return torch.nn.Sequential(*layers)
 
 
-def load_weights(path: Path) -> tuple:
-    """(state_dict, metadata dict) of a safetensors file written by this script."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("qvit", "{}"))
-    return load_file(str(path)), meta
-
-
-def load_teacher(path: Path) -> torch.nn.Module:
-    """The frozen teacher saved by ``--arch cnn``."""
-    state, meta = load_weights(path)
+def load_teacher(path: Path) -> tuple:
+    """(the frozen teacher saved by ``--arch cnn``, its training metadata)."""
+    meta = read_weights_metadata(path)
     if meta.get("model") != "cnn_fmnist":
         raise SystemExit(f"{path} is not a teacher written by --arch cnn (model: {meta.get('model')!r})")
     teacher = cnn_fmnist()
-    teacher.load_state_dict(state)
-    return teacher.eval().requires_grad_(False)
+    teacher.load_state_dict(load_file(str(path)))
+    return teacher.eval().requires_grad_(False), meta
 
 
 def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
@@ -143,9 +135,9 @@ def main(argv=None) -> int:
     model = qvit_vit_tiny_fmnist(drop_path_rate=args.drop_path) if args.arch == "vit" else cnn_fmnist()
     init_meta = {}
     if args.init is not None:
-        state, init_meta = load_weights(args.init)
-        model.load_state_dict(state)
-    teacher = load_teacher(args.teacher) if args.teacher is not None else None
+        model.load_state_dict(load_file(str(args.init)))
+        init_meta = read_weights_metadata(args.init)
+    teacher, teacher_meta = load_teacher(args.teacher) if args.teacher is not None else (None, {})
     if teacher is not None:
         teacher_acc = evaluate(teacher, x_test, y_test)
         print(f"teacher {args.teacher}: test top-1 {teacher_acc:.2f}%")
@@ -169,7 +161,6 @@ def main(argv=None) -> int:
     start_epoch, history = 0, []
     invocation = "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])
     commands = list(init_meta.get("commands", []))
-    prior_history = list(init_meta.get("history", []))
     gen = torch.Generator().manual_seed(args.seed)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -184,7 +175,6 @@ def main(argv=None) -> int:
             ema.module.load_state_dict(ckpt["ema"])
         commands = ckpt.get("commands", ["python scripts/train_reference.py"])
         init_meta = ckpt.get("init_meta", init_meta)   # --init may name the file this run overwrites
-        prior_history = list(init_meta.get("history", []))
         print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if not commands or commands[-1] != invocation.strip():
         commands.append(invocation.strip())
@@ -233,17 +223,18 @@ def main(argv=None) -> int:
         tmp.replace(ckpt_path)
 
     acc = history[-1]["test_top1"]
-    meta = {"model": REFERENCE_MODEL if args.arch == "vit" else "cnn_fmnist",
-            "arch": ARCH if args.arch == "vit" else "cnn_fmnist", "test_top1": acc, "epochs": args.epochs,
+    name, arch = (REFERENCE_MODEL, ARCH) if args.arch == "vit" else ("cnn_fmnist", "cnn_fmnist")
+    meta = {"model": name, "arch": arch, "test_top1": acc, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
             "label_smoothing": args.label_smoothing, "augment": args.augment, "drop_path": args.drop_path,
             "ema": args.ema, "seed": args.seed, "history": history,
             "torch": torch.__version__, "commands": commands}
-    if prior_history:
-        meta["init"] = {"file": args.init.name, "test_top1": init_meta.get("test_top1"), "history": prior_history}
+    if init_meta.get("history"):
+        meta["init"] = {"file": args.init.name, "test_top1": init_meta.get("test_top1"),
+                        "history": init_meta["history"]}
     if teacher is not None:
         meta["teacher"] = {"file": args.teacher.name, "test_top1": teacher_acc, "distill": args.distill,
-                           "commands": load_weights(args.teacher)[1].get("commands", [])}
+                           "commands": teacher_meta.get("commands", [])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     final = ema.module if ema is not None else model
     state = {k: v.contiguous() for k, v in final.state_dict().items()}

@@ -44,7 +44,8 @@ def test_teacher_file_must_come_from_the_cnn_arch(script, tmp_path):
     good = tmp_path / "cnn.safetensors"
     save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(good),
               metadata={"qvit": json.dumps({"model": "cnn_fmnist"})})
-    teacher = script.load_teacher(good)
+    teacher, meta = script.load_teacher(good)
+    assert meta == {"model": "cnn_fmnist"}
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     bad = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(bad),

@@ -51,15 +51,18 @@ def reference_weights_id() -> Optional[str]:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def reference_weights_metadata() -> Dict[str, Any]:
-    """The training metadata stored beside the weights (test top-1, epochs, seed, command)."""
-    path = reference_weights_path()
-    if path is None:
-        return {}
+def read_weights_metadata(path: Path) -> Dict[str, Any]:
+    """The training metadata ``scripts/train_reference.py`` stores in a safetensors file ({} if none)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta.get("qvit", "{}"))
+
+
+def reference_weights_metadata() -> Dict[str, Any]:
+    """The training metadata stored beside the weights (test top-1, epochs, seed, command)."""
+    path = reference_weights_path()
+    return {} if path is None else read_weights_metadata(path)
 
 
 @register_model

@@ -5,10 +5,13 @@ import struct
 import pytest
 import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
 import qvit
 from qvit.export import PackedCheckpointError, load_quantized, read_metadata, save_quantized
+from qvit.export.checkpoint import encode_metadata
 from qvit.qat import quantize_qat
 
 
@@ -86,19 +89,19 @@ def test_truncated_or_foreign_or_future_files_fail_clearly(tmp_path):
     cut.write_bytes(data[:len(data) // 2])
     with pytest.raises(PackedCheckpointError, match="truncated or corrupt"):
         load_quantized(cut)
-    from safetensors.torch import save_file
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(PackedCheckpointError, match="not a qvit packed checkpoint"):
         load_quantized(plain)
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["qvit_packed"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_metadata(path), load_file(str(path))
     future = tmp_path / "future.safetensors"
-    save_file(tensors, str(future), metadata={"qvit_packed": json.dumps({**meta, "version": 99})})
+    save_file(tensors, str(future), metadata={"qvit_packed": encode_metadata({**meta, "version": 99})})
     with pytest.raises(PackedCheckpointError, match="version 99 is not supported"):
         load_quantized(future)
+    garbled = tmp_path / "garbled.safetensors"
+    save_file(tensors, str(garbled), metadata={"qvit_packed": encode_metadata(meta)[:-12]})
+    with pytest.raises(PackedCheckpointError, match="corrupt 'qvit_packed' metadata"):
+        load_quantized(garbled)
     with pytest.raises(FileNotFoundError):
         load_quantized(tmp_path / "missing.safetensors")
 
@@ -106,3 +109,18 @@ def test_truncated_or_foreign_or_future_files_fail_clearly(tmp_path):
 def test_uncalibrated_models_are_refused(tmp_path):
     with pytest.raises(ValueError, match="never calibrated"):
         save_quantized(qvit.prepare(_vit()), tmp_path / "m.safetensors")
+
+
+def test_metadata_is_compressed_and_version_1_plain_json_still_loads(tmp_path):
+    q = qvit.quantize_ptq(_vit(), "minmax", _images(), w_bits=4, a_bits=4, progress=False)
+    path = save_quantized(q, tmp_path / "m.safetensors")
+    meta, tensors = read_metadata(path), load_file(str(path))
+    plain = json.dumps({**meta, "version": 1}, separators=(",", ":"))
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata()["qvit_packed"]
+    assert meta["version"] == 2 and len(stored) * 3 < len(plain)     # the descriptions repeat: zlib takes most
+    v1 = tmp_path / "v1.safetensors"
+    save_file(tensors, str(v1), metadata={"qvit_packed": plain})
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(load_quantized(v1)(x), q(x))

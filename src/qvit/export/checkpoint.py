@@ -4,7 +4,8 @@ A packed checkpoint is one safetensors file. Every weight whose quantizer yields
 codes bit-packed at the quantizer's bit-width (``<module>.weight.packed``, ``uint8``); everything else of the
 quantized model's ``state_dict`` (biases, norms, float layers, every quantizer's scales and zero-points) is stored
 as it is, except that tensors of at most ``INLINE_NUMEL`` elements and all-zero tensors are written into the
-metadata (``inline``) to keep small files small. The JSON metadata ``qvit_packed`` holds the format version, the timm architecture, each quantized
+metadata (``inline``) to keep small files small. The metadata ``qvit_packed`` (JSON, zlib-compressed and base64-encoded: the
+per-module descriptions repeat, and compressed they cost a few kilobytes instead of tens) holds the format version, the timm architecture, each quantized
 module's quantizer kinds and settings, the packed tensors' shapes and code offsets, the float tensors' shapes (to
 reject a file written for another model) and the recipe.
 
@@ -16,10 +17,13 @@ what the fake-quantized model computed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -34,8 +38,12 @@ from ..quantizers import QuantSpec, create_quantizer
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "qvit-packed"
-VERSION = 1
+VERSION = 2
+#: versions this qvit reads (1 stored the same metadata as plain JSON)
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "qvit_packed"
+#: prefix of the compressed metadata encoding (plain JSON starts with ``{``)
+_ZLIB_PREFIX = "zlib:"
 PACKED_SUFFIX = ".packed"
 #: tensors with at most this many elements are stored in the metadata rather than as tensors
 INLINE_NUMEL = 4
@@ -69,6 +77,22 @@ def _float_keys(model: nn.Module) -> Dict[str, list]:
 
 def _quantizer_config(q) -> Optional[Dict[str, Any]]:
     return None if q is None else {**q.config(), "lazy_init": bool(q.lazy_init)}
+
+
+def encode_metadata(meta: Mapping[str, Any]) -> str:
+    """The ``qvit_packed`` metadata string for ``meta``: compact JSON, zlib-compressed, base64-encoded."""
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    return _ZLIB_PREFIX + base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def _decode_metadata(raw: str) -> Dict[str, Any]:
+    """Inverse of ``encode_metadata``; plain JSON (version 1 files) is read as it is."""
+    if raw.startswith(_ZLIB_PREFIX):
+        raw = zlib.decompress(base64.b64decode(raw[len(_ZLIB_PREFIX):], validate=True)).decode()
+    meta = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("the metadata is not a JSON object")
+    return meta
 
 
 def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapping[str, Any]] = None) -> Path:
@@ -134,7 +158,7 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: encode_metadata(meta)})
     os.replace(tmp, path)
     return path
 
@@ -153,14 +177,14 @@ def read_metadata(path: os.PathLike) -> Dict[str, Any]:
         raise PackedCheckpointError(f"{path} is a safetensors file but not a qvit packed checkpoint "
                                     f"(no {METADATA_KEY!r} metadata)")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
+        meta = _decode_metadata(raw)
+    except (ValueError, binascii.Error, zlib.error, UnicodeDecodeError) as err:
         raise PackedCheckpointError(f"{path}: corrupt {METADATA_KEY!r} metadata ({err})") from None
     if meta.get("format") != FORMAT:
         raise PackedCheckpointError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise PackedCheckpointError(f"{path}: packed checkpoint version {meta.get('version')!r} is not supported "
-                                    f"(this qvit reads version {VERSION})")
+                                    f"(this qvit reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     return meta
 
 

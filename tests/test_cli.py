@@ -142,7 +142,8 @@ def test_export_packed_then_onnx_from_the_packed_file(folder, tmp_path, capsys):
     assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 0
     text = capsys.readouterr().out
     diff = float(text.split("max |logit difference| ")[1].split()[0])
-    assert onnx_path.is_file() and diff < 1e-3
+    fused = float(text.split("(ONNX semantics), ")[1].split()[0])
+    assert onnx_path.is_file() and diff < 1e-3 and fused < 5e-2
     packed.write_bytes(packed.read_bytes()[:100])
     assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err

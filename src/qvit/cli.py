@@ -207,9 +207,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                               {"name": recipe.name, "version": recipe.version, "w_bits": args.w_bits,
                                "a_bits": args.a_bits})
     else:
-        path = export_onnx(qmodel, args.out, example, opset=args.opset)
+        path = export_onnx(qmodel, args.out, example, opset=args.opset, unsigned_weights=args.unsigned_weights)
         diff = compare_onnx(qmodel, path, example)
-        print(f"onnxruntime vs PyTorch on {example.shape[0]} images: max |logit difference| {diff:.2e}")
+        fused = compare_onnx(qmodel, path, example, optimize=True)
+        print(f"onnxruntime vs PyTorch on {example.shape[0]} images: max |logit difference| {diff:.2e} "
+              f"(ONNX semantics), {fused:.2e} (onnxruntime's fused integer kernels)")
     print(f"{args.model} {label} written to {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", type=Path, required=True, help="file to write (.safetensors or .onnx)")
     ex.add_argument("--quantized", type=Path, help="start from this packed checkpoint instead of running a recipe")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    ex.add_argument("--unsigned-weights", action="store_true",
+                    help="store weight codes as uint8: exact integer arithmetic in onnxruntime on x86 CPUs without "
+                         "VNNI (whose fast int8 kernels can saturate), at about float32 speed")
     ex.set_defaults(func=cmd_export)
 
     sl = sub.add_parser("softlabels", help="precompute multi-crop soft labels of the float model (for vvtq)")

@@ -52,8 +52,8 @@ def test_w8a8_minmax_is_qdq_with_integer_weights_and_matches_pytorch(tmp_path):
     ops = collections.Counter(n.op_type for n in model.graph.node)
     assert ops["DequantizeLinear"] > ops["QuantizeLinear"] > 0 and ops["Round"] == 0
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    int_weights = [v for v in inits.values() if v.dtype == np.uint8 and v.ndim == 2]
-    assert len(int_weights) >= 4 * 6            # qkv, proj, fc1, fc2 of every block, shifted into uint8
+    int_weights = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 2]
+    assert len(int_weights) >= 4 * 6            # qkv, proj, fc1, fc2 of every block
     float_matrices = [k for k, v in inits.items() if v.dtype == np.float32 and v.ndim == 2 and v.size > 1000]
     assert not float_matrices
     assert compare_onnx(q, path, x) <= 1e-5
@@ -88,7 +88,7 @@ def test_packed_checkpoint_exports_like_the_model_it_came_from(tmp_path):
     assert sum(v.dtype in (np.int8, np.uint8) and v.ndim == 2 for v in inits) >= 4 * 6
 
 
-def test_int4_weights_at_opset_21_and_signed_weights_on_request(tmp_path):
+def test_int4_weights_at_opset_21_and_unsigned_weights_on_request(tmp_path):
     x = _images(8)
     q = qvit.quantize_ptq(_vit(), "minmax", x, w_bits=4, a_bits=8, progress=False).eval()
     path = export_onnx(q, tmp_path / "m.onnx", x[:2], opset=21)
@@ -100,9 +100,13 @@ def test_int4_weights_at_opset_21_and_signed_weights_on_request(tmp_path):
     assert codes.min() >= -8 and codes.max() <= 7
     with torch.no_grad():
         assert compare_onnx(q, path, x) <= 1e-2 * float(q(x).abs().max())
-    signed = export_onnx(q, tmp_path / "s.onnx", x[:2], unsigned_weights=False)
-    inits = [numpy_helper.to_array(i) for i in onnx.load(str(signed)).graph.initializer]
-    assert sum(v.dtype == np.int8 and v.ndim == 2 for v in inits) >= 4 * 6
+    with torch.no_grad():
+        scale = float(q(x).abs().max())
+    for unsigned, dtype in ((False, np.int8), (True, np.uint8)):
+        path = export_onnx(q, tmp_path / f"u{unsigned}.onnx", x[:2], unsigned_weights=unsigned)
+        inits = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+        assert sum(v.dtype == dtype and v.ndim == 2 for v in inits) >= 4 * 6
+        assert compare_onnx(q, path, x) <= 1e-4 * scale
 
 
 def test_uncalibrated_model_is_refused(tmp_path):

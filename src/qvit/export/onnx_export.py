@@ -114,13 +114,15 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def export_onnx(model: nn.Module, path: os.PathLike, example: torch.Tensor, *, opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, unsigned_weights: bool = True) -> Path:
+                dynamic_batch: bool = True, unsigned_weights: bool = False) -> Path:
     """Write ``model`` (prepared and calibrated, or plain float) as ONNX at ``path``; returns the path.
 
     ``example``: an input batch ``[B, C, H, W]`` used to trace the model. Weights of QDQ layers are stored as integer
-    codes (see the module docstring): as uint8 with the zero-point shifted by 128 when ``unsigned_weights`` (the same
-    values; onnxruntime's x86 integer kernels then never saturate, see :func:`weights_to_uint8`), and from opset 21 on
-    as INT4/UINT4 where the codes fit in 4 bits. The batch dimension is dynamic unless ``dynamic_batch`` is False.
+    codes (see the module docstring), from opset 21 on as INT4/UINT4 where the codes fit in 4 bits. Signed weights
+    take onnxruntime's fast u8s8 kernels; on x86 CPUs without VNNI these add pairs of products in int16, which can
+    saturate when large activations meet large weights. ``unsigned_weights`` stores them as uint8 with the
+    zero-point shifted by 128 (the same values; see :func:`weights_to_uint8`): exact integer arithmetic there, at
+    about the speed of float32. The batch dimension is dynamic unless ``dynamic_batch`` is False.
     """
     import onnx
     model = model.eval()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qvit.quantizers import create_quantizer
+from qvit.quantizers import create_quantizer, functional
 
 
 def test_lsq_init_and_forward_grid():
@@ -16,7 +16,9 @@ def test_lsq_init_and_forward_grid():
     torch.testing.assert_close(q(x), expected)
 
 
-def test_lsq_scale_gradient_matches_formula():
+@pytest.mark.parametrize("fused", [False, True])
+def test_lsq_scale_gradient_matches_formula(fused, monkeypatch):
+    monkeypatch.setattr(functional, "_FUSED", fused)
     q = create_quantizer({"kind": "lsq", "bits": 3})
     q.calibrate(torch.tensor([-1.0, 1.0]))  # signed data: codes [-4, 3]
     with torch.no_grad():
@@ -27,7 +29,8 @@ def test_lsq_scale_gradient_matches_formula():
     # inside (Qn < v < Qp): round(v) - v; beyond a bound: the bound itself (Esser et al.)
     local = [-2 + 2.5, 0.0, 0.0, 1 - 0.65, 1 - 1.25, 3.0, 3.0, -4.0]
     g = 1 / math.sqrt(len(v) * 3)
-    assert q.scale.grad.item() == pytest.approx(sum(local) * g, rel=1e-5)
+    # the compiled kernels keep round(v) - v in float16 for the backward pass
+    assert q.scale.grad.item() == pytest.approx(sum(local) * g, rel=1e-3 if fused else 1e-5)
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 

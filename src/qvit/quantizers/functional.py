@@ -1,6 +1,8 @@
 """Differentiable rounding primitives shared by the quantizer families."""
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -61,13 +63,134 @@ class _AffineFakeQuant(torch.autograd.Function):
         return grad_x, grad_scale_, grad_offset, None, None, None, None
 
 
+#: ``r`` codes of the fused kernels for elements outside the range (inside, ``|r| <= 0.5``)
+_ABOVE, _BELOW = 4.0, -4.0
+
+
+def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
+    """``(x̂, r)``: the fake-quantized ``x`` and, in float16, ``r = round(v) - v`` where ``qmin < v < qmax``,
+    ``_ABOVE`` where ``v >= qmax`` and ``_BELOW`` where ``v <= qmin`` (``v = (x - offset) / scale``)."""
+    v = (x - offset) / scale if offset is not None else x / scale
+    q = torch.clamp(torch.round(v), qmin, qmax)
+    out = q * scale + offset if offset is not None else q * scale
+    r = torch.where(v >= qmax, _ABOVE, torch.where(v <= qmin, _BELOW, q - v))
+    return out, r.to(torch.float16)
+
+
+def _fused_backward(grad, r, scale_shape: Sequence[int], offset_shape: Optional[Sequence[int]], qmin: Bound,
+                    qmax: Bound, need_x: bool, need_scale: bool, need_offset: bool):
+    """Input, scale and offset gradients of ``_fused_forward`` from its ``r`` (LSQ/LSQ+ as in ``_AffineFakeQuant``)."""
+    rf = r.to(grad.dtype)
+    inside = rf.abs() <= 0.5
+    grad_x = torch.where(inside, grad, 0.0) if need_x else None
+    grad_scale = grad_offset = None
+    if need_scale:
+        local = torch.where(inside, rf, torch.where(rf > 0, qmax, qmin).to(grad.dtype))
+        grad_scale = _sum_to(grad * local, scale_shape)
+    if need_offset:
+        grad_offset = _sum_to(torch.where(inside, 0.0, grad), offset_shape)
+    return grad_x, grad_scale, grad_offset
+
+
+_BOUNDS: dict = {}
+
+
+def _bound_tensor(b: Bound, like: torch.Tensor) -> torch.Tensor:
+    """A range bound as a tensor (numbers as cached 0-d tensors: each value would otherwise compile anew)."""
+    if torch.is_tensor(b):
+        return b.detach()
+    key = (float(b), like.dtype, like.device)
+    if key not in _BOUNDS:
+        _BOUNDS[key] = torch.tensor(float(b), dtype=like.dtype, device=like.device)
+    return _BOUNDS[key]
+
+
+class _FusedAffineFakeQuant(torch.autograd.Function):
+    """``_AffineFakeQuant`` with compiled (fused) forward and backward kernels.
+
+    It keeps ``r`` (float16, half the bytes of ``x``) for the backward pass instead of ``x``; the scale gradient
+    therefore uses ``round(v) - v`` to float16 precision (about 2e-4 absolute), everything else is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, scale_grad, offset_grad):
+        qmin, qmax = _bound_tensor(qmin, x), _bound_tensor(qmax, x)
+        out, r = _run(0, x, scale, offset, qmin, qmax)
+        ctx.save_for_backward(r, qmin, qmax)
+        ctx.scale_shape, ctx.offset_shape = tuple(scale.shape), None if offset is None else tuple(offset.shape)
+        ctx.scale_grad, ctx.offset_grad = scale_grad, offset_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, qmin, qmax = ctx.saved_tensors
+        need_offset = ctx.offset_shape is not None and ctx.needs_input_grad[2]
+        grad_x, grad_scale, grad_offset = _run(
+            1, grad.contiguous(), r, ctx.scale_shape, ctx.offset_shape, qmin, qmax, ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1], need_offset)
+        if grad_scale is not None:
+            grad_scale = grad_scale * ctx.scale_grad
+        if grad_offset is not None:
+            grad_offset = grad_offset * ctx.offset_grad
+        return grad_x, grad_scale, grad_offset, None, None, None, None
+
+
+_EAGER = (_fused_forward, _fused_backward)
+#: compiled variants allowed per kernel (ranks, broadcast patterns, strides and dtypes each make one)
+RECOMPILE_LIMIT = 64
+_COMPILED: Optional[tuple] = None
+
+
+def _run(which: int, *args):
+    """Run ``_fused_forward`` (0) or ``_fused_backward`` (1), compiled while :func:`fused_kernels_enabled`.
+
+    If compiling fails (no working C++ toolchain, say) the kernels are turned off for the process with a warning
+    and the same function runs eagerly."""
+    global _COMPILED
+    if fused_kernels_enabled():
+        if _COMPILED is None:
+            _COMPILED = tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in _EAGER)
+        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return _COMPILED[which](*args)
+        except Exception as err:     # noqa: BLE001 (any compiler failure: the eager function computes the same)
+            use_fused_kernels(False)
+            first = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"qvit: compiled fake-quantization kernels are unavailable ({type(err).__name__}: "
+                          f"{first}); using eager kernels (QVIT_FUSED=0 skips the attempt)", RuntimeWarning)
+    return _EAGER[which](*args)
+
+
+_FUSED: Optional[bool] = None
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether training-time uniform fake quantization runs the compiled kernels (``torch.compile``).
+
+    Set by :func:`use_fused_kernels`; by default from the environment variable ``QVIT_FUSED`` (``0`` turns them
+    off; they are on otherwise). They are turned off for the rest of the process, with a warning, if compiling fails.
+    """
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = os.environ.get("QVIT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _FUSED
+
+
+def use_fused_kernels(enabled: bool) -> None:
+    """Turn the compiled training-time kernels of ``affine_fake_quant`` on or off for this process."""
+    global _FUSED
+    _FUSED = bool(enabled)
+
+
 def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor], qmin: Bound,
                       qmax: Bound, scale_grad: float = 1.0, offset_grad: float = 1.0) -> torch.Tensor:
     """Uniform fake quantization ``clamp(round((x - offset)/scale), qmin, qmax) * scale + offset``.
 
     ``scale``, ``offset``, ``qmin`` and ``qmax`` broadcast against ``x``. The input gradient is the
     straight-through estimate inside the range and zero outside; the scale/offset gradients are LSQ's
-    (times ``scale_grad``/``offset_grad``).
+    (times ``scale_grad``/``offset_grad``). With gradients this runs the compiled kernels when
+    :func:`fused_kernels_enabled` (one pass over ``x`` forward and one backward); without, in-place eager ops.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or
                                               (offset is not None and offset.requires_grad))
@@ -75,6 +198,8 @@ def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[tor
         v = x - offset if offset is not None else x
         out = torch.div(v, scale).round_().clamp_(qmin, qmax).mul_(scale)
         return out.add_(offset) if offset is not None else out
+    if fused_kernels_enabled() and not torch.compiler.is_compiling():
+        return _FusedAffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)
     return _AffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)
 
 

@@ -1,0 +1,72 @@
+"""The compiled training-time kernels of ``affine_fake_quant`` against the eager ones."""
+import pytest
+import torch
+
+from qvit.quantizers import functional
+
+
+def _run(fused, x, scale, offset, qmin, qmax, grad, monkeypatch):
+    monkeypatch.setattr(functional, "_FUSED", fused)
+    leaves = [t for t in (x, scale, offset) if t is not None]
+    for t in leaves:
+        t.grad = None
+    out = functional.affine_fake_quant(x, scale, offset, qmin, qmax, scale_grad=0.5, offset_grad=0.25)
+    out.backward(grad)
+    return out.detach(), [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("shape,scale_shape", [((64, 30), ()), ((2, 5, 30), ()), ((16, 30), (16, 1)),
+                                               ((2, 3, 7, 7), (1, 3, 1, 1))])
+def test_fused_kernels_match_the_eager_ones(offset, shape, scale_shape, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
+    scale = (0.3 + torch.rand(scale_shape, generator=gen)).requires_grad_()
+    off = (torch.rand(scale_shape, generator=gen) - 0.5).requires_grad_() if offset else None
+    grad = torch.randn(shape, generator=gen)
+    eager_out, eager_grads = _run(False, x, scale, off, -8, 7, grad, monkeypatch)
+    fused_out, fused_grads = _run(True, x, scale, off, -8, 7, grad, monkeypatch)
+    assert torch.equal(fused_out, eager_out)
+    assert torch.equal(fused_grads[0], eager_grads[0])                      # STE mask: exact
+    # the scale gradient sums round(v) - v, kept in float16 (|error| <= 2.5e-4 per element); offsets: summation order
+    torch.testing.assert_close(fused_grads[1], eager_grads[1], rtol=1e-3, atol=1e-3)
+    if offset:
+        torch.testing.assert_close(fused_grads[2], eager_grads[2], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_kernels_take_tensor_bounds_and_the_range_edges(monkeypatch):
+    # per-channel bounds (a uniform quantizer's qmin - zero); values exactly on a bound count as clipped
+    x = torch.tensor([[-2.0, -1.0, 0.2, 1.0, 3.0], [0.0, 0.5, 1.5, 2.0, 9.0]], requires_grad=True)
+    scale = torch.tensor(0.5, requires_grad=True)
+    qmin, qmax = torch.tensor([[-2.0], [0.0]]), torch.tensor([[2.0], [4.0]])
+    grad = torch.ones_like(x)
+    eager = _run(False, x, scale, None, qmin, qmax, grad, monkeypatch)
+    fused = _run(True, x, scale, None, qmin, qmax, grad, monkeypatch)
+    assert torch.equal(fused[0], eager[0])
+    assert fused[1][0].tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 0.0]]   # v = x / 0.5
+    assert torch.equal(fused[1][0], eager[1][0])
+    torch.testing.assert_close(fused[1][1], eager[1][1], rtol=1e-3, atol=1e-3)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(functional, "_COMPILED", (broken, broken))
+    x = torch.randn(4, 6, requires_grad=True)
+    scale = torch.tensor(0.2, requires_grad=True)
+    monkeypatch.setattr(functional, "_FUSED", True)
+    with pytest.warns(RuntimeWarning, match="compiled fake-quantization kernels are unavailable"):
+        out = functional.affine_fake_quant(x, scale, None, -8, 7)
+    assert not functional.fused_kernels_enabled()
+    out.sum().backward()
+    expected = torch.clamp(torch.round(x.detach() / 0.2), -8, 7) * 0.2
+    assert torch.equal(out.detach(), expected) and x.grad is not None and scale.grad is not None
+
+
+def test_the_environment_switches_the_kernels_off(monkeypatch):
+    monkeypatch.setattr(functional, "_FUSED", None)
+    monkeypatch.setenv("QVIT_FUSED", "0")
+    assert not functional.fused_kernels_enabled()
+    monkeypatch.setattr(functional, "_FUSED", None)
+    monkeypatch.setenv("QVIT_FUSED", "1")
+    assert functional.fused_kernels_enabled()

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .memory import release_freed_memory
 from .models.prepare import iter_quantizers
 
 Batches = Union[torch.Tensor, Iterable]
@@ -81,6 +82,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
             q.observing = False
             q.lazy_init = False
         model.train(was_training)
+        release_freed_memory()       # the observed samples and range searches are gone: give their pages back
     return model
 
 

@@ -83,7 +83,23 @@ def _sizes(model_name: str, fp, calib: torch.Tensor, bits_list: List[int], work:
             q = qvit.quantize_ptq(fp, "minmax", calib, w_bits=bits, a_bits=8, overrides=overrides, progress=False)
             path = save_quantized(q, work / f"w{bits}_{config}.safetensors")
             out[f"w{bits}_{config}_bytes"] = path.stat().st_size
+            out[f"w{bits}_{config}_parts"] = _file_parts(path)
     return out
+
+
+def _file_parts(path: Path) -> Dict[str, int]:
+    """Bytes of a packed checkpoint by kind: bit-packed codes, float tensors kept as they are, header."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    parts = {"packed_codes": 0, "float_tensors": 0, "header": 8 + header_len}
+    for key, info in header.items():
+        if key != "__metadata__":
+            start, end = info["data_offsets"]
+            parts["packed_codes" if key.endswith(".packed") else "float_tensors"] += end - start
+    return parts
 
 
 def _evaluate_ort(session, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
@@ -169,6 +185,19 @@ def to_markdown(results: List[Dict[str, Any]], args: argparse.Namespace) -> str:
                 n = s[f"w{b}_{c}_bytes"]
                 cells.append(f"{n / 1e6:.2f} MB (1/{fp / n:.1f})")
         lines.append(f"| {r['model']} | {fp / 1e6:.2f} | " + " | ".join(cells) + " |")
+    low = min(args.size_bits)
+    lines += ["", f"What a W{low} `all` file holds: the float tensors (biases, norms, position embedding, class token, "
+              "per-channel scales) are stored exactly, so that the loaded model reproduces the fake-quantized one bit "
+              "for bit. Their share of the FP32 file does not shrink with the bit-width.", "",
+              "| model | codes | float tensors | header | codes / FP32 file | float tensors + header / FP32 file | ratio |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        s, fp = r["sizes"], r["sizes"]["fp32_bytes"]
+        parts, total = s[f"w{low}_all_parts"], s[f"w{low}_all_bytes"]
+        rest = parts["float_tensors"] + parts["header"]
+        lines.append(f"| {r['model']} | {parts['packed_codes'] / 1e6:.3f} MB | {parts['float_tensors'] / 1e6:.3f} MB | "
+                     f"{parts['header'] / 1e6:.3f} MB | {100 * parts['packed_codes'] / fp:.2f}% | {100 * rest / fp:.2f}% | "
+                     f"1/{fp / total:.1f} |")
     return "\n".join(lines)
 
 

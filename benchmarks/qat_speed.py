@@ -71,8 +71,28 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"kind": args.worker, "step_seconds": statistics.median(times), "peak_rss_mb": peak / 1024,
-            "peak_growth_mb": (peak - base) / 1024,
+            "peak_growth_mb": (peak - base) / 1024, "saved_mb": _saved_for_backward(model, x, y) / 2 ** 20,
             "quantizer_params": len(quantizer_parameters(model)) if args.worker == "qat" else 0}
+
+
+def _saved_for_backward(model, x, y) -> int:
+    """Bytes of the tensors autograd keeps from one forward pass for the backward pass (each storage once;
+    parameters excluded): the activation memory of a training step, independent of the allocator."""
+    import torch
+    import torch.nn.functional as F
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return sum(seen.values())
 
 
 def main(argv=None) -> int:
@@ -93,21 +113,26 @@ def main(argv=None) -> int:
             runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "repeat": r})
             print(f"repeat {r} {kind}: {runs[-1]['step_seconds']:.3f} s/step, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
                   flush=True)
-    med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k) for m in ("step_seconds", "peak_rss_mb")}
-           for k in ("fp", "qat")}
+    med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k)
+               for m in ("step_seconds", "peak_rss_mb", "saved_mb")} for k in ("fp", "qat")}
     time_ratio = med["qat"]["step_seconds"] / med["fp"]["step_seconds"]
     mem_ratio = med["qat"]["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
+    saved_ratio = med["qat"]["saved_mb"] / med["fp"]["saved_mb"]
     from qvit.report import write_benchmark_record
     command = ("python benchmarks/qat_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = dict(command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
-                img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio)
+                img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
+                saved_ratio=saved_ratio)
     md = write_benchmark_record(args.out, data, f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
           f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
-          "resident set.\n\n| | step (s) | peak RSS (MB) |\n|---|---|---|\n"
-          f"| FP32 | {med['fp']['step_seconds']:.3f} | {med['fp']['peak_rss_mb']:.0f} |\n"
+          "resident set; saved for backward is what autograd keeps of one forward pass (activations, each storage "
+          "once, parameters excluded), which does not depend on how the C allocator reuses freed pages.\n\n"
+          "| | step (s) | peak RSS (MB) | saved for backward (MB) |\n|---|---|---|---|\n"
+          f"| FP32 | {med['fp']['step_seconds']:.3f} | {med['fp']['peak_rss_mb']:.0f} | {med['fp']['saved_mb']:.0f} |\n"
           f"| W{args.bits}A{args.bits} {args.recipe} | {med['qat']['step_seconds']:.3f} | "
-          f"{med['qat']['peak_rss_mb']:.0f} |\n| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x |\n")
+          f"{med['qat']['peak_rss_mb']:.0f} | {med['qat']['saved_mb']:.0f} |\n"
+          f"| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x | {saved_ratio:.2f}x |\n")
     print(md)
     return 0
 

@@ -51,7 +51,8 @@ def test_fused_kernels_take_tensor_bounds_and_the_range_edges(monkeypatch):
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(functional, "_COMPILED", (broken, broken))
+    monkeypatch.setattr(functional, "_COMPILED", {functional._fused_forward: broken,
+                                                  functional._fused_backward: broken})
     x = torch.randn(4, 6, requires_grad=True)
     scale = torch.tensor(0.2, requires_grad=True)
     monkeypatch.setattr(functional, "_FUSED", True)

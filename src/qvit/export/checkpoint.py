@@ -18,7 +18,6 @@ what the fake-quantized model computed.
 from __future__ import annotations
 
 import base64
-import binascii
 import copy
 import json
 import math
@@ -178,7 +177,7 @@ def read_metadata(path: os.PathLike) -> Dict[str, Any]:
                                     f"(no {METADATA_KEY!r} metadata)")
     try:
         meta = _decode_metadata(raw)
-    except (ValueError, binascii.Error, zlib.error, UnicodeDecodeError) as err:
+    except (ValueError, zlib.error) as err:   # ValueError: JSON, base64 and UTF-8 errors
         raise PackedCheckpointError(f"{path}: corrupt {METADATA_KEY!r} metadata ({err})") from None
     if meta.get("format") != FORMAT:
         raise PackedCheckpointError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")

@@ -115,7 +115,7 @@ class _FusedAffineFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, offset, qmin, qmax, scale_grad, offset_grad):
         qmin, qmax = _bound_tensor(qmin, x), _bound_tensor(qmax, x)
-        out, r = _run(0, x, scale, offset, qmin, qmax)
+        out, r = _run(_fused_forward, x, scale, offset, qmin, qmax)
         ctx.save_for_backward(r, qmin, qmax)
         ctx.scale_shape, ctx.offset_shape = tuple(scale.shape), None if offset is None else tuple(offset.shape)
         ctx.scale_grad, ctx.offset_grad = scale_grad, offset_grad
@@ -126,7 +126,7 @@ class _FusedAffineFakeQuant(torch.autograd.Function):
         r, qmin, qmax = ctx.saved_tensors
         need_offset = ctx.offset_shape is not None and ctx.needs_input_grad[2]
         grad_x, grad_scale, grad_offset = _run(
-            1, grad.contiguous(), r, ctx.scale_shape, ctx.offset_shape, qmin, qmax, ctx.needs_input_grad[0],
+            _fused_backward, grad.contiguous(), r, ctx.scale_shape, ctx.offset_shape, qmin, qmax, ctx.needs_input_grad[0],
             ctx.needs_input_grad[1], need_offset)
         if grad_scale is not None:
             grad_scale = grad_scale * ctx.scale_grad
@@ -135,31 +135,30 @@ class _FusedAffineFakeQuant(torch.autograd.Function):
         return grad_x, grad_scale, grad_offset, None, None, None, None
 
 
-_EAGER = (_fused_forward, _fused_backward)
 #: compiled variants allowed per kernel (ranks, broadcast patterns, strides and dtypes each make one)
 RECOMPILE_LIMIT = 64
-_COMPILED: Optional[tuple] = None
+_COMPILED: dict = {}
 
 
-def _run(which: int, *args):
-    """Run ``_fused_forward`` (0) or ``_fused_backward`` (1), compiled while :func:`fused_kernels_enabled`.
+def _run(kernel, *args):
+    """Run ``kernel`` (``_fused_forward`` or ``_fused_backward``), compiled while :func:`fused_kernels_enabled`.
 
     If compiling fails (no working C++ toolchain, say) the kernels are turned off for the process with a warning
     and the same function runs eagerly."""
-    global _COMPILED
     if fused_kernels_enabled():
-        if _COMPILED is None:
-            _COMPILED = tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in _EAGER)
+        if kernel not in _COMPILED:
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+            _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return _COMPILED[which](*args)
+            return _COMPILED[kernel](*args)
         except Exception as err:     # noqa: BLE001 (any compiler failure: the eager function computes the same)
             use_fused_kernels(False)
             first = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(f"qvit: compiled fake-quantization kernels are unavailable ({type(err).__name__}: "
                           f"{first}); using eager kernels (QVIT_FUSED=0 skips the attempt)", RuntimeWarning)
-    return _EAGER[which](*args)
+    return kernel(*args)
 
 
 _FUSED: Optional[bool] = None

@@ -126,8 +126,8 @@ class _FusedAffineFakeQuant(torch.autograd.Function):
         r, qmin, qmax = ctx.saved_tensors
         need_offset = ctx.offset_shape is not None and ctx.needs_input_grad[2]
         grad_x, grad_scale, grad_offset = _run(
-            _fused_backward, grad.contiguous(), r, ctx.scale_shape, ctx.offset_shape, qmin, qmax, ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1], need_offset)
+            _fused_backward, grad.contiguous(), r, ctx.scale_shape, ctx.offset_shape, qmin, qmax,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_offset)
         if grad_scale is not None:
             grad_scale = grad_scale * ctx.scale_grad
         if grad_offset is not None:

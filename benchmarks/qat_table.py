@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-images", type=int, help="a seeded subset of the 10k test images")
     p.add_argument("--bn-epochs", type=float, default=1.0, help="QAT epochs of the CNN batch-norm comparison "
                                                                 "(0 skips it)")
+    p.add_argument("--parts", nargs="+", choices=("vit", "cnn"), default=["vit", "cnn"],
+                   help="the ViT recipe table, the CNN batch-norm comparison, or both (separate processes can share "
+                        "the work: e.g. one per set of --recipes with --parts vit, then one with both parts)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/qat_table"))
     p.add_argument("--out", type=Path, default=RESULTS / "qat_table", help="output path without suffix")
     return p.parse_args(argv)
@@ -120,10 +124,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_suffix(".partial.jsonl")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     done = load_runs(partial, run_settings(args))
-    info = vit_runs(args, done, partial)
-    if args.bn_epochs > 0:
+    info = vit_runs(args, done, partial) if "vit" in args.parts else None
+    with_cnn = args.bn_epochs > 0 and "cnn" in args.parts
+    if with_cnn:
         bn_runs(args, done, partial)
+    if info is None:
+        return 0
     lines = ["| method | " + " | ".join(f"W{b}A{b} top-1 | W{b}A{b} osc. (%)" for b in args.bits) + " |",
              "|---|" + "---|---|" * len(args.bits),
              "| FP32 | " + " | ".join(f"{info['fp_top1']:.2f} | -" for _ in args.bits) + " |"]
@@ -135,7 +144,7 @@ def main(argv=None) -> int:
                          f"{100 * statistics.mean(r['osc_fraction'] or 0 for r in recs):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     bn_lines = []
-    if args.bn_epochs > 0:
+    if with_cnn:
         bn_lines = ["", "| MobileNetV2-style CNN, nagel_dampen W4A4 | top-1 |", "|---|---|",
                     f"| FP32 | {done['cnn/fp']['top1']:.2f} |"]
         for bn in (False, True):

@@ -90,10 +90,11 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
 
 
 def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: Path) -> None:
-    """A MobileNetV2-style CNN (timm mobilenetv2_050, 1 input channel) trained in float for 3 epochs, then
-    ``nagel_dampen`` W4A4 QAT with and without batch-norm re-estimation before evaluation."""
+    """A MobileNetV2-style CNN (timm mobilenetv2_050, 1 input channel, output stride 8 so the last feature map
+    of a small image keeps 4x4 positions) trained in float for 3 epochs, then ``nagel_dampen`` W4A4 QAT with
+    and without batch-norm re-estimation before evaluation."""
     key_fp = "cnn/fp"
-    cnn = timm.create_model("mobilenetv2_050", in_chans=1, num_classes=10)
+    cnn = timm.create_model("mobilenetv2_050", in_chans=1, num_classes=10, output_stride=8)
     transform = create_eval_transform(qvit.create_reference_model())
     train = subset(build_dataset(None, "train", transform), args.train_images, 0)
     loader = _eval_loader(qvit.create_reference_model(), args.eval_images)

@@ -1,11 +1,12 @@
 """The quantized core shared by attention modules: q·kᵀ, softmax and probs·v with quantized operands."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .base import QuantModule
+from .recompute import can_recompute, quantizer_parameters, recomputed
 
 
 class QuantAttentionCore(QuantModule):
@@ -19,6 +20,9 @@ class QuantAttentionCore(QuantModule):
     ``probs``, ``v`` (as their quantizers receive them) and the products ``logits`` (``q̂ k̂ᵀ``, scaled, before
     any bias or mask) and ``context`` (``p̂ v̂``): calibration procedures use it to capture operands, outputs and
     (with tensor hooks) output gradients. It must not change the tensors.
+
+    In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` for the backward pass and recomputes
+    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active.
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
@@ -46,3 +50,24 @@ class QuantAttentionCore(QuantModule):
         if dropout is not None:
             probs = dropout(probs)
         return self._tapped("context", probs @ self._quant("v", self._tapped("v", v)))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  dropout: Optional[torch.nn.Module] = None,
+                  add_to_logits: Optional[Callable[..., torch.Tensor]] = None,
+                  logit_terms: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The context ``[B, heads, N, head_dim]`` of quantized attention over ``q``, ``k``, ``v``.
+
+        ``add_to_logits(logits, *logit_terms)``, when given, returns the logits with biases or masks added;
+        tensors that need gradients (e.g. a relative position bias) must come in through ``logit_terms``.
+        """
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
+            logits = self.attention_logits(q, k, scale)
+            if add_to_logits is not None:
+                logits = add_to_logits(logits, *terms)
+            return self.attend(logits, v, dropout)
+
+        quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
+        dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
+        if self.tap is None and not dropping and can_recompute(self, quantizers):
+            return recomputed(core, (q, k, v, *logit_terms), quantizer_parameters(quantizers))
+        return core(q, k, v, *logit_terms)

@@ -50,9 +50,9 @@ class QuantAttention(QuantAttentionCore, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        logits = self.attention_logits(q, k, self.scale)
-        logits = maybe_add_mask(logits, resolve_self_attn_mask(N, logits, attn_mask, is_causal))
-        x = self.attend(logits, v, self.attn_drop)
+        mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)
+        x = self.attention(q, k, v, self.scale, self.attn_drop,
+                           None if mask is None else (lambda logits: maybe_add_mask(logits, mask)))
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         x = self.norm(x) if hasattr(self, "norm") else x
         if gate is not None:

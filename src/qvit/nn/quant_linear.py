@@ -8,6 +8,7 @@ from timm.layers import Linear as TimmLinear
 
 from ._registry import register_quant_module
 from .base import QuantModule
+from .recompute import can_recompute, quant_linear
 
 
 @register_quant_module(TimmLinear)
@@ -18,6 +19,8 @@ class QuantLinear(QuantModule, nn.Linear):
     quant_slots = (("input", False), ("weight", True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if can_recompute(self, (self.input_quantizer, self.weight_quantizer)):
+            return quant_linear(self, x)    # keeps x, not x̂ and Ŵ, for the backward pass
         x = self._quant("input", x)
         w = self._quant("weight", self.weight)
         return F.linear(x, w, self.bias)

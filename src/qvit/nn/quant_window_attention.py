@@ -22,11 +22,14 @@ class QuantWindowAttention(QuantAttentionCore, WindowAttention):
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        logits = self.attention_logits(q, k, self.scale) + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            logits = logits.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            logits = logits.view(-1, self.num_heads, N, N)
-        x = self.attend(logits, v, self.attn_drop)
+        def add_bias_and_mask(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            logits = logits + bias
+            if mask is not None:
+                num_win = mask.shape[0]
+                logits = logits.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                logits = logits.view(-1, self.num_heads, N, N)
+            return logits
+
+        x = self.attention(q, k, v, self.scale, self.attn_drop, add_bias_and_mask, (self._get_rel_pos_bias(),))
         x = x.transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))

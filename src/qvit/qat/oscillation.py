@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..models.prepare import iter_quantizers
+from ..nn.recompute import side_effect_free
 from ..quantizers import Quantizer
 
 #: VVTQ's reporting threshold on ``f`` (m = 0.001); Nagel's freezing thresholds are 0.1 -> 0.01.
@@ -92,6 +93,7 @@ class OscillationState(nn.Module):
         self.steps += 1
 
 
+@side_effect_free   # reads the frozen state only: it may run again when the backward pass recomputes
 def _freeze_hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
     state: OscillationState = quantizer.oscillation
     if not quantizer.enabled or quantizer.observing or not bool(state.frozen.any()):

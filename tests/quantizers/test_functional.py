@@ -71,3 +71,22 @@ def test_the_environment_switches_the_kernels_off(monkeypatch):
     monkeypatch.setattr(functional, "_FUSED", None)
     monkeypatch.setenv("QVIT_FUSED", "1")
     assert functional.fused_kernels_enabled()
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_gradient_free_kernel_matches_the_eager_one_and_only_runs_inside_the_context(offset, monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = 3 * torch.randn(2, 5, 30, generator=gen)
+    scale = 0.3 + torch.rand((), generator=gen)
+    off = torch.rand((), generator=gen) - 0.5 if offset else None
+    monkeypatch.setattr(functional, "_FUSED", True)
+    calls = []
+    real_run = functional._run
+    monkeypatch.setattr(functional, "_run", lambda kernel, *args: calls.append(kernel) or real_run(kernel, *args))
+    eager = functional.affine_fake_quant(x, scale, off, -8, 7)
+    assert calls == []
+    with torch.no_grad(), functional.fused_without_grad():
+        fused = functional.affine_fake_quant(x, scale, off, -8, 7)
+    assert calls == [functional._fused_fake_quant]
+    assert torch.equal(fused, eager)
+    assert functional._FUSED_WITHOUT_GRAD == 0

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quantizers.functional import fused_without_grad
+
 _ENABLED: Optional[bool] = None
 
 
@@ -124,7 +126,7 @@ class _RecomputedQuantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, x, weight, bias, *params):
-        with torch.no_grad():
+        with torch.no_grad(), fused_without_grad():
             y = F.linear(module._quant("input", x), module._quant("weight", weight), bias)
         ctx.module, ctx.bias_dtype = module, None if bias is None else bias.dtype
         ctx.amp = _autocast_state(x.device.type)
@@ -159,7 +161,7 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, num_inputs, *tensors):
         inputs = tensors[:num_inputs]
-        with torch.no_grad():
+        with torch.no_grad(), fused_without_grad():
             out = fn(*inputs)
         ctx.fn, ctx.num_inputs = fn, num_inputs
         device = next(t.device for t in tensors if t is not None)

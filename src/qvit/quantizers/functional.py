@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -75,6 +76,13 @@ def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
     out = q * scale + offset if offset is not None else q * scale
     r = torch.where(v >= qmax, _ABOVE, torch.where(v <= qmin, _BELOW, q - v))
     return out, r.to(torch.float16)
+
+
+def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound):
+    """``x̂`` alone: the value ``_fused_forward`` returns, for passes that need no gradient."""
+    v = (x - offset) / scale if offset is not None else x / scale
+    q = torch.clamp(torch.round(v), qmin, qmax)
+    return q * scale + offset if offset is not None else q * scale
 
 
 def _fused_backward(grad, r, scale_shape: Sequence[int], offset_shape: Optional[Sequence[int]], qmin: Bound,
@@ -162,6 +170,22 @@ def _run(kernel, *args):
 
 
 _FUSED: Optional[bool] = None
+_FUSED_WITHOUT_GRAD = 0
+
+
+@contextmanager
+def fused_without_grad() -> Iterator[None]:
+    """Inside, gradient-free ``affine_fake_quant`` also runs a compiled kernel (while :func:`fused_kernels_enabled`).
+
+    A training layer that computes its forward pass without a graph and recomputes it in the backward pass uses
+    this, so both passes run the same kernels as a layer that records its graph (one pass over ``x``).
+    """
+    global _FUSED_WITHOUT_GRAD
+    _FUSED_WITHOUT_GRAD += 1
+    try:
+        yield
+    finally:
+        _FUSED_WITHOUT_GRAD -= 1
 
 
 def fused_kernels_enabled() -> bool:
@@ -194,6 +218,8 @@ def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[tor
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or
                                               (offset is not None and offset.requires_grad))
     if not needs_grad:
+        if _FUSED_WITHOUT_GRAD and fused_kernels_enabled() and not torch.compiler.is_compiling():
+            return _run(_fused_fake_quant, x, scale, offset, _bound_tensor(qmin, x), _bound_tensor(qmax, x))
         v = x - offset if offset is not None else x
         out = torch.div(v, scale).round_().clamp_(qmin, qmax).mul_(scale)
         return out.add_(offset) if offset is not None else out

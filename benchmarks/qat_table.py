@@ -89,12 +89,16 @@ def ema_note(recipe: str, steps: int) -> str:
             "that warm-up.")
 
 
+def seed_runs(done: Dict[str, Dict[str, Any]], name: str, bits: int, seeds: List[int]) -> List[Dict[str, Any]]:
+    """The finished ViT runs of one recipe at ``bits`` (weights and activations), one per seed."""
+    return [done[f"{name}/W{bits}A{bits}/seed{s}"] for s in seeds]
+
+
 def expectation_lines(done: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> List[str]:
     """The issue's expectation at each bit width: anti-oscillation recipes end with fewer oscillating weights than
     ``lsq`` and at least its top-1; measured, not assumed."""
     def mean(name, b, field):
-        vals = [done[f"{name}/W{b}A{b}/seed{s}"].get(field) for s in args.seeds]
-        return None if any(v is None for v in vals) else statistics.mean(vals)
+        return statistics.mean(r[field] or 0 for r in seed_runs(done, name, b, args.seeds))
     out = []
     for b in args.bits:
         if "lsq" not in args.recipes:
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     for name in args.recipes:
         cells = []
         for b in args.bits:
-            recs = [done[f"{name}/W{b}A{b}/seed{s}"] for s in args.seeds]
+            recs = seed_runs(done, name, b, args.seeds)
             cells.append(f"{statistics.mean(r['top1'] for r in recs):.2f} | "
                          f"{100 * statistics.mean(r['osc_fraction'] or 0 for r in recs):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
         for name in args.recipes:
             cells = []
             for b in args.bits:
-                recs = [done[f"{name}/W{b}A{b}/seed{s}"] for s in args.seeds]
+                recs = seed_runs(done, name, b, args.seeds)
                 if all("repeat_reversal_fraction" in r for r in recs):
                     cells.append(f"{100 * statistics.mean(r['repeat_reversal_fraction'] for r in recs):.3f} | "
                                  f"{100 * statistics.mean(r['reversed_last_step'] for r in recs):.4f}")

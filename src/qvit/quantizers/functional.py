@@ -68,21 +68,24 @@ class _AffineFakeQuant(torch.autograd.Function):
 _ABOVE, _BELOW = 4.0, -4.0
 
 
+def _fake_quant_terms(x, scale, offset, qmin: Bound, qmax: Bound):
+    """``(v, q, x̂)`` with ``v = (x - offset) / scale``, ``q = clamp(round(v))`` and ``x̂ = q * scale + offset``."""
+    v = (x - offset) / scale if offset is not None else x / scale
+    q = torch.clamp(torch.round(v), qmin, qmax)
+    return v, q, q * scale + offset if offset is not None else q * scale
+
+
 def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
     """``(x̂, r)``: the fake-quantized ``x`` and, in float16, ``r = round(v) - v`` where ``qmin < v < qmax``,
     ``_ABOVE`` where ``v >= qmax`` and ``_BELOW`` where ``v <= qmin`` (``v = (x - offset) / scale``)."""
-    v = (x - offset) / scale if offset is not None else x / scale
-    q = torch.clamp(torch.round(v), qmin, qmax)
-    out = q * scale + offset if offset is not None else q * scale
+    v, q, out = _fake_quant_terms(x, scale, offset, qmin, qmax)
     r = torch.where(v >= qmax, _ABOVE, torch.where(v <= qmin, _BELOW, q - v))
     return out, r.to(torch.float16)
 
 
 def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound):
     """``x̂`` alone: the value ``_fused_forward`` returns, for passes that need no gradient."""
-    v = (x - offset) / scale if offset is not None else x / scale
-    q = torch.clamp(torch.round(v), qmin, qmax)
-    return q * scale + offset if offset is not None else q * scale
+    return _fake_quant_terms(x, scale, offset, qmin, qmax)[2]
 
 
 def _fused_backward(grad, r, scale_shape: Sequence[int], offset_shape: Optional[Sequence[int]], qmin: Bound,

@@ -55,3 +55,14 @@ def test_per_bit_training_settings_resolve_by_weight_bits():
     from qvit.recipes import resolve_by_bits
     lr = load_recipe("nagel_freeze").train["lr"]
     assert resolve_by_bits(lr, 3) == 0.01 and resolve_by_bits(lr, 4) == 0.0033 and resolve_by_bits(lr, 2) == 0.0033
+
+
+def test_batch_override_scales_lr_linearly_unless_lr_given(tmp_path):
+    fp = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
+    recipe = load_recipe("lsq")
+    recipe.calibration = {**recipe.calibration, "num_images": 8}
+    base = recipe.train["lr"] / recipe.train["batch_size"]
+    for overrides, lr in (({"batch_size": 8}, 8 * base), ({"batch_size": 8, "lr": 0.5}, 0.5)):
+        _, result = quantize_qat(fp, recipe, _data(8), w_bits=3, a_bits=3, out_dir=tmp_path / str(lr),
+                                 progress=False, train_overrides={"epochs": 1, "warmup_epochs": 0, **overrides})
+        assert result["config"]["lr"] == pytest.approx(lr) and result["config"]["batch_size"] == 8

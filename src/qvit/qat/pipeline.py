@@ -30,8 +30,10 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     The quantizers are initialised on ``calibration.num_images`` training images (seed ``calibration.seed``) with
     the recipe's range estimators, then trained with the weights. ``train_overrides`` patch the recipe's ``train``
     settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the recipe's other epoch counts
-    (warm-up, cool-down, a callback's ``last_epochs``) by the same factor. A recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is
-    resolved by the weight bit-width. ``result`` has ``steps``, ``history`` (top-1 per epoch) and ``seconds``.
+    (warm-up, cool-down, a callback's ``last_epochs``) by the same factor, and overriding ``batch_size`` without
+    ``lr`` scales the recipe's ``lr`` linearly with the batch (the rule the recipes' own rates follow). A recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is
+    resolved by the weight bit-width. ``result`` has ``steps``, ``history`` (top-1 per epoch), ``seconds`` and ``config`` (the training
+    settings used).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.kind != "qat":
@@ -46,6 +48,8 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
         for key in EPOCH_KEYS:
             if key in train and key not in patch:
                 patch[key] = train[key] * ratio
+    if "batch_size" in patch and "lr" not in patch and train.get("lr") and train.get("batch_size"):
+        patch["lr"] = float(train["lr"]) * float(patch["batch_size"]) / float(train["batch_size"])
     config = TrainConfig.from_dict({**train, **patch})
     callbacks = []
     for name, params in recipe.callbacks:

@@ -462,7 +462,8 @@ class QATTrainer:
             if self._tb is not None:
                 self._tb.close()
         self.save_checkpoint()
-        return {"steps": self.state.step, "history": self.state.history, "seconds": time.time() - t0}
+        return {"steps": self.state.step, "history": self.state.history, "seconds": time.time() - t0,
+                "config": asdict(self.config)}
 
 
 def copy_teacher(model: nn.Module) -> nn.Module:

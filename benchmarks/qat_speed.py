@@ -2,9 +2,13 @@
 
     python benchmarks/qat_speed.py                         # deit_small_patch16_224, batch 16, 224 px, lsq recipe
     python benchmarks/qat_speed.py --model test_vit --steps 5 --repeats 1
+    python benchmarks/qat_speed.py --repeats 3 --with-unfused-fp   # also float training without fused attention
 
 Each configuration trains in a fresh subprocess (peak resident memory is per process), float and quantized
-alternating ``--repeats`` times so both see the same machine state; the ratios use the medians. Step time excludes
+alternating ``--repeats`` times so both see the same machine state; the ratios use the medians. Quantized attention
+(q, k, v and softmax output quantized) computes ``softmax(q̂ k̂ᵀ) v̂`` explicitly, while float training uses
+PyTorch's fused attention kernel; ``--with-unfused-fp`` adds float training with timm's explicit attention
+(``timm.layers.set_fused_attn(False)``), to separate that cost from the cost of fake quantization. Step time excludes
 the first ``--warmup`` steps. Writes ``benchmarks/results/qat_speed.{md,json}``.
 """
 from __future__ import annotations
@@ -34,7 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--worker", choices=("fp", "qat"), help=argparse.SUPPRESS)
+    p.add_argument("--with-unfused-fp", action="store_true",
+                   help="also time float training with explicit (unfused) attention, as quantized attention runs")
+    p.add_argument("--worker", choices=("fp", "fp_unfused", "qat"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "qat_speed")
     return p.parse_args(argv)
 
@@ -51,6 +57,8 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.worker == "fp_unfused":
+        timm.layers.set_fused_attn(False)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, model.num_classes, (args.batch_size,))
@@ -129,8 +137,9 @@ def main(argv=None) -> int:
     base_cmd = [sys.executable, __file__, "--model", args.model, "--recipe", args.recipe, "--bits", str(args.bits),
                 "--batch-size", str(args.batch_size), "--img-size", str(args.img_size), "--steps", str(args.steps),
                 "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    kinds = ("fp", "fp_unfused", "qat") if args.with_unfused_fp else ("fp", "qat")
     for r in range(args.repeats):
-        for kind in ("fp", "qat"):
+        for kind in kinds:
             out = subprocess.run(base_cmd + ["--worker", kind], capture_output=True, text=True)
             if out.returncode:
                 sys.stderr.write(out.stderr)
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
             print(f"repeat {r} {kind}: {runs[-1]['step_seconds']:.3f} s/step, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
                   flush=True)
     med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k)
-               for m in ("step_seconds", "peak_rss_mb", "process_peak_rss_mb", "saved_mb")} for k in ("fp", "qat")}
+               for m in ("step_seconds", "peak_rss_mb", "process_peak_rss_mb", "saved_mb")} for k in kinds}
     time_ratio = med["qat"]["step_seconds"] / med["fp"]["step_seconds"]
     mem_ratio = med["qat"]["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
     saved_ratio = med["qat"]["saved_mb"] / med["fp"]["saved_mb"]
@@ -149,6 +158,16 @@ def main(argv=None) -> int:
     data = dict(command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
                 img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
                 saved_ratio=saved_ratio, process_memory_ratio=process_ratio)
+    unfused_rows = ""
+    if args.with_unfused_fp:
+        u = med["fp_unfused"]
+        data["time_ratio_to_unfused_fp"] = med["qat"]["step_seconds"] / u["step_seconds"]
+        data["memory_ratio_to_unfused_fp"] = med["qat"]["peak_rss_mb"] / u["peak_rss_mb"]
+        unfused_rows = (f"| FP32, unfused attention | {u['step_seconds']:.3f} | {u['peak_rss_mb']:.0f} | "
+                        f"{u['saved_mb']:.0f} | {u['process_peak_rss_mb']:.0f} |\n"
+                        f"| ratio to unfused FP32 | {data['time_ratio_to_unfused_fp']:.2f}x | "
+                        f"{data['memory_ratio_to_unfused_fp']:.2f}x | {med['qat']['saved_mb'] / u['saved_mb']:.2f}x | "
+                        f"{med['qat']['process_peak_rss_mb'] / u['process_peak_rss_mb']:.2f}x |\n")
     md = write_benchmark_record(args.out, data, f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
           f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
@@ -161,7 +180,8 @@ def main(argv=None) -> int:
           f"{med['fp']['process_peak_rss_mb']:.0f} |\n"
           f"| W{args.bits}A{args.bits} {args.recipe} | {med['qat']['step_seconds']:.3f} | "
           f"{med['qat']['peak_rss_mb']:.0f} | {med['qat']['saved_mb']:.0f} | {med['qat']['process_peak_rss_mb']:.0f} |\n"
-          f"| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x | {saved_ratio:.2f}x | {process_ratio:.2f}x |\n")
+          f"| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x | {saved_ratio:.2f}x | {process_ratio:.2f}x |\n"
+          + unfused_rows)
     print(md)
     return 0
 

@@ -88,6 +88,19 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             "quantizer_params": len(quantizer_parameters(model)) if args.worker == "qat" else 0}
 
 
+_COLUMNS = (("step_seconds", "{:.3f}"), ("peak_rss_mb", "{:.0f}"), ("saved_mb", "{:.0f}"), ("process_peak_rss_mb", "{:.0f}"))
+
+
+def _cells(m: Dict[str, float]) -> str:
+    """One configuration's medians as table cells: step (s), peak RSS in training, saved for backward, process peak (MB)."""
+    return " | ".join(fmt.format(m[k]) for k, fmt in _COLUMNS)
+
+
+def _ratio_cells(a: Dict[str, float], b: Dict[str, float]) -> str:
+    """The ratios ``a / b`` of every column of :func:`_cells`."""
+    return " | ".join(f"{a[k] / b[k]:.2f}x" for k, _ in _COLUMNS)
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak resident set of this process (Linux ``clear_refs`` 5); False where unsupported."""
     try:
@@ -158,16 +171,13 @@ def main(argv=None) -> int:
     data = dict(command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
                 img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
                 saved_ratio=saved_ratio, process_memory_ratio=process_ratio)
-    unfused_rows = ""
+    rows = [f"| FP32 | {_cells(med['fp'])} |", f"| W{args.bits}A{args.bits} {args.recipe} | {_cells(med['qat'])} |",
+            f"| ratio | {_ratio_cells(med['qat'], med['fp'])} |"]
     if args.with_unfused_fp:
         u = med["fp_unfused"]
         data["time_ratio_to_unfused_fp"] = med["qat"]["step_seconds"] / u["step_seconds"]
         data["memory_ratio_to_unfused_fp"] = med["qat"]["peak_rss_mb"] / u["peak_rss_mb"]
-        unfused_rows = (f"| FP32, unfused attention | {u['step_seconds']:.3f} | {u['peak_rss_mb']:.0f} | "
-                        f"{u['saved_mb']:.0f} | {u['process_peak_rss_mb']:.0f} |\n"
-                        f"| ratio to unfused FP32 | {data['time_ratio_to_unfused_fp']:.2f}x | "
-                        f"{data['memory_ratio_to_unfused_fp']:.2f}x | {med['qat']['saved_mb'] / u['saved_mb']:.2f}x | "
-                        f"{med['qat']['process_peak_rss_mb'] / u['process_peak_rss_mb']:.2f}x |\n")
+        rows += [f"| FP32, unfused attention | {_cells(u)} |", f"| ratio to unfused FP32 | {_ratio_cells(med['qat'], u)} |"]
     md = write_benchmark_record(args.out, data, f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
           f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
@@ -176,12 +186,7 @@ def main(argv=None) -> int:
           "peak includes building the model and calibrating the quantizers.\n\n"
           "| | step (s) | peak RSS in training (MB) | saved for backward (MB) | process peak RSS (MB) |\n"
           "|---|---|---|---|---|\n"
-          f"| FP32 | {med['fp']['step_seconds']:.3f} | {med['fp']['peak_rss_mb']:.0f} | {med['fp']['saved_mb']:.0f} | "
-          f"{med['fp']['process_peak_rss_mb']:.0f} |\n"
-          f"| W{args.bits}A{args.bits} {args.recipe} | {med['qat']['step_seconds']:.3f} | "
-          f"{med['qat']['peak_rss_mb']:.0f} | {med['qat']['saved_mb']:.0f} | {med['qat']['process_peak_rss_mb']:.0f} |\n"
-          f"| ratio | {time_ratio:.2f}x | {mem_ratio:.2f}x | {saved_ratio:.2f}x | {process_ratio:.2f}x |\n"
-          + unfused_rows)
+          + "\n".join(rows) + "\n")
     print(md)
     return 0
 

@@ -91,13 +91,17 @@ def reversal_stats(run_dir: Path) -> Dict[str, float]:
             "reversed_last_step": sum(r["reversed_last_step"] * r["n"] for r in layers) / total}
 
 
-def curve_stats(run_dir: Path) -> Dict[str, float]:
-    """From a run's metrics log: ``peak_osc_fraction``, the largest fraction of oscillating weights (EMA frequency
-    above the report threshold) logged during training, and ``peak_osc_step``, the optimizer step where it was."""
+def metrics_rows(run_dir: Path) -> List[Dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (one per logged optimizer step); empty if the run has none."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def curve_stats(rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    """From a run's metrics rows: ``peak_osc_fraction``, the largest fraction of oscillating weights (EMA frequency
+    above the report threshold) logged during training, and ``peak_osc_step``, the optimizer step where it was."""
+    if not rows:
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     step, peak = max(((r["step"], r.get("osc_fraction") or 0.0) for r in rows), key=lambda t: t[1])
     return {"peak_osc_fraction": peak, "peak_osc_step": step}
 
@@ -128,13 +132,13 @@ def expectation_lines(done: Dict[str, Dict[str, Any]], args: argparse.Namespace)
     for b in args.bits:
         if "lsq" not in args.recipes:
             break
-        counted = all("repeat_reversal_fraction" in r for n in args.recipes for r in seed_runs(done, n, b, args.seeds))
+        fields = [("osc_fraction", "final EMA")]
+        if all("repeat_reversal_fraction" in r for n in args.recipes for r in seed_runs(done, n, b, args.seeds)):
+            fields.append(("repeat_reversal_fraction", ">= 4 reversals"))
         for name in (n for n in ("nagel_dampen", "nagel_freeze", "ofq") if n in args.recipes):
             d_top1 = mean(name, b, "top1") - mean("lsq", b, "top1")
             parts = [f"top-1 {d_top1:+.2f} points"]
-            for field, label in (("osc_fraction", "final EMA"), ("repeat_reversal_fraction", ">= 4 reversals")):
-                if field == "repeat_reversal_fraction" and not counted:
-                    continue
+            for field, label in fields:
                 d_osc = 100 * (mean(name, b, field) - mean("lsq", b, field))
                 verdict = "met" if d_top1 >= 0 and d_osc < 0 else "not met"
                 parts.append(f"oscillating weights ({label}) {d_osc:+.4f} points: {verdict}")
@@ -159,11 +163,11 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
                                               train_overrides=train_overrides(args, seed),
                                               out_dir=run_dir, resume=resume)
                 top1 = qvit.evaluate(qmodel, loader, progress=False).top1
-                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                rows = metrics_rows(run_dir)
                 rec = dict(key=key, recipe=name, bits=bits, seed=seed, top1=top1, steps=result["steps"],
                            seconds=result["seconds"], osc_fraction=rows[-1].get("osc_fraction"),
                            frozen_fraction=rows[-1].get("frozen_fraction"), run_dir=str(run_dir),
-                           **reversal_stats(run_dir), **curve_stats(run_dir))
+                           **reversal_stats(run_dir), **curve_stats(rows))
                 done[key] = append_run(partial, rec, run_settings(args))
                 print(f"{key}: top-1 {top1:.2f}%, oscillating {100 * (rec['osc_fraction'] or 0):.3f}%", flush=True)
     return {"fp_top1": fp, "eval_images": sum(len(y) for _, y in loader)}
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for rec in done.values():      # runs recorded before the peak was: read it from their run directory
         if "recipe" in rec and "peak_osc_fraction" not in rec and rec.get("run_dir"):
-            rec.update(curve_stats(Path(rec["run_dir"])))
+            rec.update(curve_stats(metrics_rows(Path(rec["run_dir"]))))
     reversal_lines = []
     if any("repeat_reversal_fraction" in done.get(f"{n}/W{b}A{b}/seed{s}", {}) for n in args.recipes
            for b in args.bits for s in args.seeds):
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
     data = dict(command=command, settings=run_settings(args), seeds=args.seeds, runs=list(done.values()), **info)
     md = write_benchmark_record(args.out, data, f"# QAT table: {qvit.REFERENCE_MODEL} on Fashion-MNIST\n\nCommand: `{command}`\n\n"
           f"{args.epochs} epochs for every recipe"
-          f"{f' at batch {args.batch_size} (learning rates scaled linearly from batch 128)' if args.batch_size else ''}"
+          f"{f' at batch {args.batch_size} (learning rates scaled linearly with the batch)' if args.batch_size else ''}"
           f"; top-1 on {info['eval_images']} test images and the final fraction "
           f"of weights with oscillation frequency > 0.005, means over seeds {args.seeds}.\n\n" + "\n".join(lines) + "\n"
           + "\n".join(reversal_lines + notes) + "\n" + "\n".join(bn_lines))

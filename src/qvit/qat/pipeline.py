@@ -31,9 +31,9 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     the recipe's range estimators, then trained with the weights. ``train_overrides`` patch the recipe's ``train``
     settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the recipe's other epoch counts
     (warm-up, cool-down, a callback's ``last_epochs``) by the same factor, and overriding ``batch_size`` without
-    ``lr`` scales the recipe's ``lr`` linearly with the batch (the rule the recipes' own rates follow). A recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is
-    resolved by the weight bit-width. ``result`` has ``steps``, ``history`` (top-1 per epoch), ``seconds`` and ``config`` (the training
-    settings used).
+    ``lr`` scales the recipe's ``lr`` linearly with the batch (the rule the recipes' own rates follow). A recipe
+    setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is resolved by the weight bit-width. ``result`` has
+    ``steps``, ``history`` (top-1 per epoch), ``seconds`` and ``config`` (the training settings used).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.kind != "qat":

@@ -1,12 +1,23 @@
 """The quantized core shared by attention modules: q·kᵀ, softmax and probs·v with quantized operands."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from .base import QuantModule
-from .recompute import can_recompute, quantizer_parameters, recomputed
+from .recompute import can_recompute, quantizer_parameters, recomputed_matmul
+
+
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
+    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result)."""
+    if alpha == 1.0:
+        return a @ b
+    batch = a.shape[:-2]
+    out = torch.baddbmm(a.new_zeros(()), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), beta=0.0,
+                        alpha=alpha)
+    return out.reshape(*batch, *out.shape[-2:])
 
 
 class QuantAttentionCore(QuantModule):
@@ -41,15 +52,21 @@ class QuantAttentionCore(QuantModule):
             q = q * scale
         q = self._quant("q", self._tapped("q", q))
         k = self._quant("k", self._tapped("k", k))
-        logits = q @ k.transpose(-2, -1)
-        return self._tapped("logits", logits * scale if self.scale_after_matmul else logits)
+        return self._tapped("logits", scaled_matmul(q, k.transpose(-2, -1), scale if self.scale_after_matmul else 1.0))
 
-    def attend(self, logits: torch.Tensor, v: torch.Tensor, dropout: Optional[torch.nn.Module] = None) -> torch.Tensor:
-        """``quant(softmax(logits)) · quant(v)`` ``[B, heads, N, head_dim]``."""
+    def attention_operands(self, logits: torch.Tensor, v: torch.Tensor,
+                           dropout: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the context: ``quant(softmax(logits))`` ``[B, heads, N, N]`` (after ``dropout``) and
+        ``quant(v)`` ``[B, heads, N, head_dim]``."""
         probs = self._quant("probs", self._tapped("probs", logits.softmax(dim=-1)))
         if dropout is not None:
             probs = dropout(probs)
-        return self._tapped("context", probs @ self._quant("v", self._tapped("v", v)))
+        return probs, self._quant("v", self._tapped("v", v))
+
+    def attend(self, logits: torch.Tensor, v: torch.Tensor, dropout: Optional[torch.nn.Module] = None) -> torch.Tensor:
+        """``quant(softmax(logits)) · quant(v)`` ``[B, heads, N, head_dim]``."""
+        probs, v = self.attention_operands(logits, v, dropout)
+        return self._tapped("context", probs @ v)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   dropout: Optional[torch.nn.Module] = None,
@@ -60,14 +77,16 @@ class QuantAttentionCore(QuantModule):
         ``add_to_logits(logits, *logit_terms)``, when given, returns the logits with biases or masks added;
         tensors that need gradients (e.g. a relative position bias) must come in through ``logit_terms``.
         """
-        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
+        def operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     *terms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
             logits = self.attention_logits(q, k, scale)
             if add_to_logits is not None:
                 logits = add_to_logits(logits, *terms)
-            return self.attend(logits, v, dropout)
+            return self.attention_operands(logits, v, dropout)
 
         quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
         if self.tap is None and not dropping and can_recompute(self, quantizers):
-            return recomputed(core, (q, k, v, *logit_terms), quantizer_parameters(quantizers))
-        return core(q, k, v, *logit_terms)
+            return recomputed_matmul(operands, (q, k, v, *logit_terms), quantizer_parameters(quantizers))
+        probs, v = operands(q, k, v, *logit_terms)
+        return self._tapped("context", probs @ v)

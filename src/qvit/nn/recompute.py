@@ -10,7 +10,8 @@ quantizers on them (with gradients) and back-propagates through the recomputed p
 ``torch.autograd.grad``. The gradients are the same as without recomputation (up to float rounding: the same
 kernels run in the same order). Quantizer parameters are inputs of the autograd function, so their gradients
 arrive through the ordinary graph (gradient hooks, gradient accumulation and distributed reducers see them as
-usual). Linear layers never recompute the matrix product; attention recomputes its two small ``N x N`` products.
+usual). Neither linear layers nor attention recompute their output's matrix product; attention recomputes the
+logits ``q̂ k̂ᵀ`` (and the softmax) from the stored ``q``, ``k``.
 
 Recomputation is used only when re-running the quantizers is free of side effects (see :func:`can_recompute`);
 otherwise the layer records its graph as usual. ``QVIT_RECOMPUTE=0`` or :func:`use_recompute` turns it off.
@@ -155,14 +156,16 @@ def quant_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _RecomputedQuantLinear.apply(module, x, module.weight, module.bias, *params)
 
 
-class _Recomputed(torch.autograd.Function):
-    """``fn(*inputs)`` evaluated without a graph; the backward pass re-runs it with one and back-propagates."""
+class _RecomputedMatmul(torch.autograd.Function):
+    """``a @ b`` with ``(a, b) = fn(*inputs)`` evaluated without a graph; the backward pass re-runs ``fn`` with one,
+    forms ``grad_a``, ``grad_b`` from the output gradient and back-propagates (the product is not recomputed)."""
 
     @staticmethod
     def forward(ctx, fn, num_inputs, *tensors):
         inputs = tensors[:num_inputs]
         with torch.no_grad(), fused_without_grad():
-            out = fn(*inputs)
+            a, b = fn(*inputs)
+            out = a @ b
         ctx.fn, ctx.num_inputs = fn, num_inputs
         device = next(t.device for t in tensors if t is not None)
         ctx.amp = _autocast_state(device.type)
@@ -177,16 +180,19 @@ class _Recomputed(torch.autograd.Function):
         with torch.enable_grad(), _autocast(ctx.amp):
             leaves = [_leaf(t, need[i]) for i, t in enumerate(tensors[:n])]
             params = list(tensors[n:])
-            out = ctx.fn(*leaves)
-            grads = _grads((out,), (grad,), (*leaves, *params))
+            a, b = ctx.fn(*leaves)
+            grad_a = grad @ b.detach().transpose(-2, -1) if a.requires_grad else None
+            grad_b = a.detach().transpose(-2, -1) @ grad if b.requires_grad else None
+            grads = _grads((a, b), (grad_a, grad_b), (*leaves, *params))
         return (None, None, *grads)
 
 
-def recomputed(fn: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
-               params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``fn(*inputs)`` with nothing of its graph stored: the backward pass recomputes it.
+def recomputed_matmul(fn: Callable[..., Tuple[torch.Tensor, torch.Tensor]], inputs: Sequence[Optional[torch.Tensor]],
+                      params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``a @ b`` with ``(a, b) = fn(*inputs)``, storing only ``inputs`` and ``params`` for the backward pass, which
+    recomputes ``a`` and ``b`` (not their product).
 
     ``fn`` must be deterministic and depend on trainable tensors only through ``inputs`` and ``params`` (the
     parameters it reads, e.g. its quantizers'); ``None`` inputs are passed through.
     """
-    return _Recomputed.apply(fn, len(inputs), *inputs, *params)
+    return _RecomputedMatmul.apply(fn, len(inputs), *inputs, *params)

@@ -7,8 +7,9 @@ re-estimation on a small MobileNetV2-style CNN (28x28) trained here.
 
 Not a test: hours on a small CPU. Every finished run (its qvit qat run directory under --work-dir, with metrics and
 checkpoints) is recorded in ``<out>.partial.jsonl``; re-running the command skips finished runs and resumes an
-interrupted one from its last checkpoint. Runs made with other reference weights, epochs or data sizes are not reused
-(run directories are named by a hash of those settings). Writes ``<out>.md`` / ``<out>.json`` (default benchmarks/results/qat_table).
+interrupted one from its last checkpoint. Runs made with other reference weights, epochs or data sizes, or with an
+earlier version of their recipe, are not reused (run directories are named by a hash of those settings and the recipe
+version). Writes ``<out>.md`` / ``<out>.json`` (default benchmarks/results/qat_table).
 """
 from __future__ import annotations
 
@@ -152,19 +153,21 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
     fp = qvit.evaluate(model, loader, progress=False).top1
     train = subset(build_dataset(None, "train", create_eval_transform(model)), args.train_images, 0)
     for name in args.recipes:
+        version = qvit.load_recipe(name).version
         for bits in args.bits:
             for seed in args.seeds:
                 key = f"{name}/W{bits}A{bits}/seed{seed}"
-                if key in done:
+                if key in done and done[key].get("recipe_version", 1) == version:
                     continue
-                run_dir = args.work_dir / settings_tag(run_settings(args)) / key.replace("/", "_")
+                run_dir = args.work_dir / settings_tag(run_settings(args)) / f"{key.replace('/', '_')}_v{version}"
                 resume = (run_dir / "checkpoints").exists()
                 qmodel, result = quantize_qat(model, name, train, eval_loader=loader, w_bits=bits, a_bits=bits,
                                               train_overrides=train_overrides(args, seed),
                                               out_dir=run_dir, resume=resume)
                 top1 = qvit.evaluate(qmodel, loader, progress=False).top1
                 rows = metrics_rows(run_dir)
-                rec = dict(key=key, recipe=name, bits=bits, seed=seed, top1=top1, steps=result["steps"],
+                rec = dict(key=key, recipe=name, recipe_version=version, bits=bits, seed=seed, top1=top1,
+                           steps=result["steps"],
                            seconds=result["seconds"], osc_fraction=rows[-1].get("osc_fraction"),
                            frozen_fraction=rows[-1].get("frozen_fraction"), run_dir=str(run_dir),
                            **reversal_stats(run_dir), **curve_stats(rows))

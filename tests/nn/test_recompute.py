@@ -82,9 +82,10 @@ def test_frozen_weights_get_no_gradient_with_recomputation():
     model = _prepared("test_vit", "nagel_freeze")
     tracker = OscillationTracker(model, max_bits=4)
     tw = tracker.weights[0]
-    tw.state.frozen[0].fill_(True)                       # freeze the first output row of one layer
-    tw.state.frozen_int.copy_(torch.round(tw.layer.weight.detach() / tw.quantizer.scale_tensors()["scale"].detach()
-                                          .view(-1, *[1] * (tw.layer.weight.ndim - 1))).to(tw.state.frozen_int.dtype))
+    state = tracker.state(tw)
+    state.frozen[0].fill_(True)                       # freeze the first output row of one layer
+    scale = tw.quantizer.scale_tensors()["scale"].detach().view(-1, *[1] * (tw.parameter.ndim - 1))
+    state.frozen_int.copy_(torch.round(tw.parameter.detach() / scale).to(state.frozen_int.dtype))
     layer = tw.layer
     assert can_recompute(layer, (layer.input_quantizer, layer.weight_quantizer))
     x = torch.randn(2, 3, 32, 32)

@@ -41,7 +41,7 @@ def test_tracker_counts_reversals_exactly_on_a_scripted_trajectory():
         o = torch.tensor(expected_rev[t], dtype=torch.float32)
         if t > 0:
             freq = 0.5 * o + 0.5 * freq
-    state = tracker.weights[0].state
+    state = tracker.state(tracker.weights[0])
     assert state.reversals.tolist() == [[3, 0, 1]]
     assert state.flips.tolist() == [[4, 3, 2]]
     torch.testing.assert_close(state.freq, freq.unsqueeze(0))
@@ -60,7 +60,8 @@ def test_only_optimizer_steps_count_not_forwards():
         model[0].weight.copy_(torch.tensor([[0.6, 0.4]]))
         for _ in range(3):
             model(torch.randn(2, 2))            # evaluation forwards: no effect on the statistics
-    assert int(tracker.weights[0].state.steps) == 1 and int(tracker.weights[0].state.flips.sum()) == 0
+    state = tracker.state(tracker.weights[0])
+    assert int(state.steps) == 1 and int(state.flips.sum()) == 0
 
 
 def test_frozen_weights_stay_fixed_under_the_optimizer_with_weight_decay():
@@ -73,7 +74,7 @@ def test_frozen_weights_stay_fixed_under_the_optimizer_with_weight_decay():
         tracker.step()
     tracker.freeze_threshold = 0.3
     tracker.step()                               # freezes weight 0 at round(EMA of its code)
-    state = tracker.weights[0].state
+    state = tracker.state(tracker.weights[0])
     assert state.frozen.tolist() == [[True, False]]
     frozen_latent = w[0, 0].item()
     frozen_code = state.frozen_int[0, 0].item()
@@ -114,6 +115,36 @@ def test_tracker_works_in_the_lsq_integer_domain_and_skips_8bit_layers():
     assert tracker.layer_stats()[0]["bits"] == 4
     with pytest.raises(ValueError, match="at most 2 bits"):
         OscillationTracker(model, max_bits=2)
+
+
+def test_qkr_tracks_the_rounded_values_only_and_never_freezes_them():
+    import timm
+    from qvit.nn.qkr import enable_qkr, qk_product
+    torch.manual_seed(0)
+    model = qvit.prepare(timm.create_model("test_vit", img_size=32), {
+        "weight": {"kind": "statsq", "granularity": "channel", "axis": 0},
+        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": 2, "a_bits": 4})
+    qvit.calibrate(model, torch.randn(4, 3, 32, 32), progress=False)
+    enable_qkr(model, {"kind": "statsq", "granularity": "channel", "axis": 0},
+               {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1, "init": "lsq"})
+    tracker = OscillationTracker(model, momentum=0.5)
+    attn = model.blocks[0].attn
+    hd = attn.num_heads * attn.head_dim
+    sites = {s.site: s for s in tracker}
+    qkv, prod = sites["blocks.0.attn.qkv.weight"], sites["blocks.0.attn.qk_weight"]
+    assert tracker.state(qkv).freq.shape == (hd, attn.qkv.weight.shape[1])      # the value rows only
+    assert tracker.state(prod).freq.shape == qk_product(attn).shape
+    tracker.freeze_threshold = 1e-9
+    w = attn.qkv.weight
+    before = w.detach().clone()
+    delta = 0.3 * before.std() * torch.randn_like(before)
+    for sign in (1, -1, 1, -1):                  # move the weights back and forth: product codes reverse
+        with torch.no_grad():
+            w.copy_(before + sign * delta)
+        tracker.step()
+    assert int(tracker.state(prod).reversals.sum()) > 0 and int(tracker.state(qkv).reversals.sum()) > 0
+    assert not tracker.state(qkv).frozen.any() and not tracker.state(prod).frozen.any()
+    assert any(r["site"] == "blocks.0.attn.qk_weight" for r in tracker.layer_stats())
 
 
 def test_cosine_schedule():

@@ -1,4 +1,4 @@
 from .reference import REFERENCE_MODEL, create_reference_model, reference_weights_id, reference_weights_path
-from .prepare import SiteInfo, describe, format_sites, iter_quantizers, prepare, unprepare
+from .prepare import SiteInfo, describe, format_sites, iter_quantizers, iter_weight_sites, prepare, unprepare
 from .roles import role_prefix, stem_and_head
 from .factory import build_model

@@ -10,7 +10,7 @@ from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 import torch.nn as nn
 
 from ..config import QuantConfig
-from ..nn import QuantModule, quant_class_for
+from ..nn import QuantModule, WeightSite, quant_class_for
 from ..quantizers import Quantizer
 from .roles import role_prefix, stem_and_head
 
@@ -70,6 +70,18 @@ def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, str, Quantizer]]:
         if isinstance(module, QuantModule):
             for slot, q in module.quantizers():
                 yield (f"{name}.{slot}" if name else slot), module.quant_roles.get(slot, slot), q
+
+
+def iter_weight_sites(model: nn.Module) -> Iterator[WeightSite]:
+    """Every enabled weight site of a prepared model (:class:`~qvit.nn.WeightSite`), in module order; a site that a
+    module reports for one of its children (QKR's value rows of ``qkv``) replaces the child's own report."""
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantModule):
+            for site in module.weight_sites(name):
+                if site.site not in seen:
+                    seen.add(site.site)
+                    yield site
 
 
 @dataclass

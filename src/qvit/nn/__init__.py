@@ -5,3 +5,4 @@ from .quant_linear import QuantLinear
 from .quant_conv import QuantConv2d
 from .quant_attention import QuantAttention
 from .quant_window_attention import QuantWindowAttention
+from .weight_site import WeightSite

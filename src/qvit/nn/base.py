@@ -6,6 +6,7 @@ from typing import ClassVar, Iterator, Mapping, Optional, Tuple
 import torch.nn as nn
 
 from ..quantizers import Quantizer, QuantSpec, create_quantizer
+from .weight_site import WeightSite
 
 
 class QuantModule:
@@ -67,6 +68,14 @@ class QuantModule:
         del self.float_class, self.quant_roles
         self.__class__ = cls
         return self
+
+    def weight_sites(self, name: str) -> Iterator[WeightSite]:
+        """The :class:`WeightSite` of every enabled weight slot (its parameter is the attribute named like the slot);
+        ``name`` is this module's name in the model. Modules that quantize other tensors override this."""
+        for slot, is_weight in self.slots():
+            q = getattr(self, f"{slot}_quantizer", None)
+            if is_weight and q is not None:
+                yield WeightSite(f"{name}.{slot}" if name else slot, name, self, q, parameter=getattr(self, slot))
 
     def float_weights_read(self) -> Tuple[str, ...]:
         """Child modules whose float (unquantized) ``weight`` this module's forward reads besides their own forward."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..quantizers import QuantSpec, create_quantizer
 from .quant_attention import QuantAttention
+from .weight_site import WeightSite
 
 SpecLike = Union[QuantSpec, Mapping[str, Any]]
 
@@ -58,6 +59,30 @@ def enable_qkr(model: nn.Module, weight_spec: SpecLike, product_spec: SpecLike) 
     return names
 
 
+def qk_product(m: QuantAttention) -> torch.Tensor:
+    """The per-head products ``W_q,hᵀ W_k,h`` of module ``m``'s float query and key rows, stacked ``[H·C, C]`` (the
+    tensor the ``qk_weight`` quantizer rounds, one row per head and input channel)."""
+    H, d = m.num_heads, m.head_dim
+    C = m.qkv.weight.shape[1]
+    wq = m.qkv.weight[:H * d].reshape(H, d, C)
+    wk = m.qkv.weight[H * d:2 * H * d].reshape(H, d, C)
+    return (wq.transpose(1, 2) @ wk).reshape(H * C, C)
+
+
+def qkr_weight_sites(m: QuantAttention, name: str) -> List[WeightSite]:
+    """The weight sites of a QKR attention module named ``name``: the value rows of ``qkv`` (the only rows its weight
+    quantizer's output is used for) and the product ``W_qk`` (:func:`qk_product`) in the ``qk_weight`` quantizer."""
+    qkv_name = f"{name}.qkv" if name else "qkv"
+    sites = []
+    if getattr(m.qkv, "weight_quantizer", None) is not None:
+        hd = m.num_heads * m.head_dim
+        sites.append(WeightSite(f"{qkv_name}.weight", qkv_name, m.qkv, m.qkv.weight_quantizer,
+                                parameter=m.qkv.weight, rows=slice(2 * hd, 3 * hd)))
+    sites.append(WeightSite(f"{name}.qk_weight" if name else "qk_weight", qkv_name, m.qkv, m.qk_weight_quantizer,
+                            compute=lambda: qk_product(m)))
+    return sites
+
+
 def qkr_forward(m: QuantAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The QKR attention forward of module ``m`` on ``x`` ``[B, N, C]`` (see the module docstring)."""
     B, N, C = x.shape
@@ -67,9 +92,8 @@ def qkr_forward(m: QuantAttention, x: torch.Tensor, attn_mask: Optional[torch.Te
     bias = m.qkv.bias
     v = F.linear(xq, w[2 * H * d:], bias[2 * H * d:] if bias is not None else None)
     v = v.reshape(B, N, H, d).permute(0, 2, 1, 3)
-    wq = m.qkv.weight[:H * d].reshape(H, d, C)
     wk = m.qkv.weight[H * d:2 * H * d].reshape(H, d, C)
-    w_qk = m._quant("qk_weight", (wq.transpose(1, 2) @ wk).reshape(H * C, C)).reshape(H, C, C)
+    w_qk = m._quant("qk_weight", qk_product(m)).reshape(H, C, C)
     t = m._quant("qkx", torch.einsum("hcd,bnd->bhcn", w_qk, xq))
     logits = torch.einsum("bnc,bhcm->bhnm", xq, t)
     if bias is not None:

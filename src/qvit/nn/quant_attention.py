@@ -35,6 +35,12 @@ class QuantAttention(QuantAttentionCore, Attention):
     def _init_quant(self) -> None:
         self.scale_after_matmul = True
 
+    def weight_sites(self, name: str):
+        if getattr(self, "qkr", False):
+            from .qkr import qkr_weight_sites
+            return iter(qkr_weight_sites(self, name))
+        return super().weight_sites(name)
+
     def float_weights_read(self):
         return ("qkv",) if getattr(self, "qkr", False) else ()   # QKR multiplies the float q/k rows
 

@@ -142,12 +142,15 @@ class BinRegularizer(_ScheduledWeight):
 @register_callback("confidence_guided_annealing")
 class CGACallback(Callback):
     """OFQ's CGA on the named layers' weights (see :class:`ConfidenceGuidedAnnealing`), during the last
-    ``last_epochs`` epochs of training (all of it when None); OFQ runs it for its final 30 epochs at lr 1e-5."""
+    ``last_epochs`` epochs of training (all of it when None); OFQ runs it for its final 30 epochs at lr 1e-5.
+    ``gate_products=False`` leaves QKR's ``W_qᵀ W_k`` ungated, as OFQ's code does."""
 
     def __init__(self, boundary_range: float = 0.005,
                  suffixes: tuple = ("fc1", "fc2", "proj", "v", "qkv", "reduction"),
-                 within: Optional[str] = "blocks", last_epochs: Optional[float] = None) -> None:
-        self.options = dict(boundary_range=boundary_range, suffixes=tuple(suffixes), within=within)
+                 within: Optional[str] = "blocks", last_epochs: Optional[float] = None,
+                 gate_products: bool = True) -> None:
+        self.options = dict(boundary_range=boundary_range, suffixes=tuple(suffixes), within=within,
+                            gate_products=gate_products)
         self.last_epochs = last_epochs
         self.cga: Optional[ConfidenceGuidedAnnealing] = None
         self.trainable = 1.0
@@ -155,6 +158,7 @@ class CGACallback(Callback):
 
     def setup(self, trainer: Any) -> None:
         self.cga = ConfidenceGuidedAnnealing(trainer.unwrapped_model, **self.options)
+        self.cga.gate_active = lambda: self._active(trainer)    # evaluated in each forward pass, at the step it belongs to
 
     def _active(self, trainer: Any) -> bool:
         if self.last_epochs is None:

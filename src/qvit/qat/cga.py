@@ -9,68 +9,118 @@ The mask is recomputed at every step. OFQ runs this stage for 30 epochs at lr 1e
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..models.prepare import iter_quantizers
+from ..models.prepare import iter_weight_sites
+from ..nn import WeightSite
+from ..nn.recompute import side_effect_free
 from ..quantizers import Quantizer
 
 
 def confidence_mask(quantizer: Quantizer, weight: torch.Tensor, boundary_range: float = 0.005) -> torch.Tensor:
     """``True`` where a weight is confident (far from every interior threshold): the weights CGA freezes."""
-    if not 0 < boundary_range < 0.5:
-        raise ValueError(f"boundary_range must be in (0, 0.5), got {boundary_range}")
     fn = getattr(quantizer, "integer_domain", None)
     if fn is None:
         raise ValueError(f"{type(quantizer).__name__} has no integer_domain; CGA needs the pre-rounding value")
     with torch.no_grad():
-        v = fn(weight.detach())
-        r = torch.round(v)
-        i = torch.round(v - 0.5)                 # the threshold i + 1/2 nearest to v
-        near = (v - 0.5 - i).abs() <= boundary_range
-        interior = (i >= r.min()) & (i < r.max())
-        return ~(near & interior)
+        return confident(fn(weight.detach()), boundary_range)
+
+
+def confident(v: torch.Tensor, boundary_range: float = 0.005) -> torch.Tensor:
+    """``True`` where the pre-rounding positions ``v`` (integer steps) lie farther than ``boundary_range`` from every
+    interior threshold ``i + 1/2`` (``i`` from the smallest code in ``v`` up to, not including, the largest)."""
+    if not 0 < boundary_range < 0.5:
+        raise ValueError(f"boundary_range must be in (0, 0.5), got {boundary_range}")
+    r = torch.round(v)
+    i = torch.round(v - 0.5)                 # the threshold i + 1/2 nearest to v
+    near = (v - 0.5 - i).abs() <= boundary_range
+    interior = (i >= r.min()) & (i < r.max())
+    return ~(near & interior)
 
 
 class ConfidenceGuidedAnnealing:
-    """Applies CGA to the weights of the layers whose names end with one of ``suffixes`` (OFQ: ``fc1``, ``fc2``,
-    ``proj`` and the value projection; DeiT only inside ``blocks``). Call :meth:`before_step` after ``backward()``
-    and :meth:`after_step` after ``optimizer.step()``."""
+    """Applies CGA to the weight sites (:class:`~qvit.nn.WeightSite`) of the layers whose names end with one of
+    ``suffixes`` (OFQ: ``fc1``, ``fc2``, ``proj`` and the value projection; DeiT only inside ``blocks``). Call
+    :meth:`before_step` after ``backward()`` and :meth:`after_step` after ``optimizer.step()``.
+
+    A site that is (rows of) a parameter is frozen by zeroing the gradients of its confident entries and restoring
+    their values after the step. A computed site (QKR's product ``W_qᵀ W_k``) cannot be written back: with
+    ``gate_products`` its quantizer passes the straight-through gradient only through its low-confidence entries
+    (``ŵ = Q(w).detach() + (w - w.detach())·(1 - confident)``), so the query and key weights learn only from them.
+    OFQ's code meant to do this but its mask is a no-op; ``gate_products=False`` reproduces that. The gate acts in
+    the forward passes for which ``gate_active()`` is true (always, by default).
+    """
 
     def __init__(self, model: nn.Module, boundary_range: float = 0.005,
                  suffixes: Sequence[str] = ("fc1", "fc2", "proj", "v", "qkv", "reduction"),
-                 within: Optional[str] = None) -> None:
+                 within: Optional[str] = None, gate_products: bool = True) -> None:
         self.boundary_range = boundary_range
-        self.layers: List[tuple] = []
-        for site, _, q in iter_quantizers(model):
-            layer_name, _, slot = site.rpartition(".")
-            if slot != "weight" or not layer_name.rsplit(".", 1)[-1] in suffixes:
+        self.sites: List[WeightSite] = []
+        self.products: List[WeightSite] = []
+        for site in iter_weight_sites(model):
+            if site.layer_name.rsplit(".", 1)[-1] not in suffixes:
                 continue
-            if within is not None and within not in layer_name.split("."):
+            if within is not None and within not in site.layer_name.split("."):
                 continue
-            self.layers.append((layer_name, model.get_submodule(layer_name), q))
-        if not self.layers:
+            if site.parameter is not None:
+                self.sites.append(site)
+            elif gate_products:
+                self.products.append(site)
+        if not self.sites and not self.products:
             raise ValueError(f"CGA found no quantized weight in layers named {tuple(suffixes)}")
+        self.gate_active: Callable[[], bool] = lambda: True
+        self._gated: Dict[str, Tuple[int, int]] = {}
+        self._handles = [site.quantizer.register_forward_hook(self._gate_hook(site.site)) for site in self.products]
         self._saved: Dict[str, tuple] = {}
+
+    def _gate_hook(self, name: str) -> Callable:
+        @side_effect_free     # depends only on the quantizer's input: the recomputed pass gates the same entries
+        def hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            w = args[0]
+            if not (torch.is_grad_enabled() and w.requires_grad) or not quantizer.enabled or quantizer.observing \
+                    or not self.gate_active():
+                return out
+            mask = confidence_mask(quantizer, w, self.boundary_range)
+            self._gated[name] = (int((~mask).sum()), mask.numel())
+            return torch.where(mask, out.detach(), out)
+        return hook
+
+    def remove(self) -> None:
+        """Take the gradient gates off the computed sites."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     @torch.no_grad()
     def before_step(self) -> float:
-        """Zero the gradients of confident weights and remember their values; returns the trainable fraction."""
+        """Zero the gradients of confident weights and remember their values; returns the trainable fraction (of the
+        parameter sites, and of the computed sites gated in the last forward pass)."""
         trainable = total = 0
-        for name, layer, q in self.layers:
-            mask = confidence_mask(q, layer.weight, self.boundary_range)
-            if layer.weight.grad is not None:
-                layer.weight.grad[mask] = 0
-            self._saved[name] = (mask, layer.weight[mask].clone())
+        for site in self.sites:
+            weight = site.value()
+            position = site.grid_position()
+            if position is None:
+                raise ValueError(f"{type(site.quantizer).__name__} has no integer_domain; CGA needs the pre-rounding "
+                                 "value")
+            mask = confident(position, self.boundary_range)
+            grad = site.parameter.grad
+            if grad is not None:
+                (grad if site.rows is None else grad[site.rows])[mask] = 0
+            self._saved[site.site] = (mask, weight[mask].clone())
             trainable += int((~mask).sum())
             total += mask.numel()
-        return trainable / total
+        for n_trainable, n in self._gated.values():
+            trainable += n_trainable
+            total += n
+        self._gated.clear()
+        return trainable / total if total else 1.0
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Put the confident weights back to their values from before the step."""
-        for name, layer, _ in self.layers:
-            mask, values = self._saved.pop(name)
-            layer.weight[mask] = values
+        for site in self.sites:
+            mask, values = self._saved.pop(site.site)
+            site.value()[mask] = values

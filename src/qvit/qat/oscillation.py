@@ -1,6 +1,8 @@
 """Weight-oscillation tracking and iterative freezing (Nagel et al., ICML 2022), in each layer's own integer domain.
 
-For every tracked weight quantizer an :class:`OscillationState` (a submodule ``oscillation`` of the quantizer, so
+Tracking follows the model's weight sites (:class:`~qvit.nn.WeightSite`): the values each weight quantizer rounds
+(with query-key reparameterization, the value rows of ``qkv`` and the product ``W_qᵀ W_k``). For every tracked
+site an :class:`OscillationState` (a submodule ``oscillation`` of the quantizer, so
 its buffers travel with the model's ``state_dict`` and a resumed run continues them) keeps, per weight:
 
 * ``prev_int``: the integer code after the previous optimizer step; ``prev_dir``: the sign of its last change;
@@ -16,18 +18,19 @@ freezing threshold ``thr > 0``: every weight with ``f > thr`` is frozen (for goo
 ``round(ema_int)`` from before this step's update, re-assigned at every step while ``f`` stays above ``thr``;
 ``ema_int`` then takes this step's raw code. A new freeze acts from the next forward. Frozen weights: the forward
 uses ``frozen_int`` (dequantized with the current scale, so a learnable scale still trains), and their latent value
-is put back after every optimizer step, so neither the gradient nor weight decay moves them.
+is put back after every optimizer step, so neither the gradient nor weight decay moves them. Only sites that are a
+whole parameter can be frozen; the others are tracked without freezing.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..models.prepare import iter_quantizers
+from ..models.prepare import iter_weight_sites
+from ..nn import WeightSite
 from ..nn.recompute import side_effect_free
 from ..quantizers import Quantizer
 
@@ -102,17 +105,6 @@ def _freeze_hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torc
     return torch.where(state.frozen, frozen_values, out)
 
 
-@dataclass
-class TrackedWeight:
-    site: str                   # the weight site, e.g. "blocks.0.mlp.fc1.weight"
-    layer: nn.Module
-    quantizer: Quantizer
-
-    @property
-    def state(self) -> OscillationState:
-        return self.quantizer.oscillation
-
-
 class OscillationTracker:
     """Tracks (and optionally freezes) the oscillating weights of a prepared model's low-bit weight quantizers.
 
@@ -133,31 +125,38 @@ class OscillationTracker:
         self.momentum = momentum
         self.report_threshold = report_threshold
         self.freeze_threshold = 0.0
-        self.weights: List[TrackedWeight] = []
-        for site, _, q in iter_quantizers(model):
-            if not q.static or q.bits > max_bits:
+        self.weights: List[WeightSite] = []
+        for site in iter_weight_sites(model):
+            q = site.quantizer
+            if q.bits > max_bits:
                 continue
-            layer = model.get_submodule(site.rpartition(".")[0])
-            weight = layer.weight
             if not hasattr(q, "oscillation"):
-                q.oscillation = OscillationState(weight.shape, weight.device)
-                q.register_forward_hook(_freeze_hook)
-            self.weights.append(TrackedWeight(site, layer, q))
+                value = site.value()
+                q.oscillation = OscillationState(value.shape, value.device)
+                if site.frozen_in_place:
+                    q.register_forward_hook(_freeze_hook)
+            self.weights.append(site)
         if not self.weights:
             raise ValueError(f"no weight quantizer with at most {max_bits} bits to track")
 
-    def __iter__(self) -> Iterator[TrackedWeight]:
+    def __iter__(self) -> Iterator[WeightSite]:
         return iter(self.weights)
+
+    @staticmethod
+    def state(site: WeightSite) -> OscillationState:
+        """The oscillation statistics of a tracked site."""
+        return site.quantizer.oscillation
 
     @torch.no_grad()
     def step(self) -> None:
         """Call once after every ``optimizer.step()``: restore frozen latent weights, freeze, update statistics."""
-        for tw in self.weights:
-            state, weight = tw.state, tw.layer.weight
-            if bool(state.frozen.any()):
+        for site in self.weights:
+            state = self.state(site)
+            if site.frozen_in_place and bool(state.frozen.any()):
+                weight = site.parameter
                 weight.data[state.frozen] = state.frozen_weight[state.frozen].to(weight.dtype)
-            raw = tw.quantizer.quantize(weight.detach())
-            state.update(raw, weight.detach(), self.momentum, self.freeze_threshold)
+            threshold = self.freeze_threshold if site.frozen_in_place else 0.0
+            state.update(site.codes(), site.value().detach(), self.momentum, threshold)
 
     # ------------------------------------------------------------------ reports
     @torch.no_grad()
@@ -168,24 +167,24 @@ class OscillationTracker:
         :data:`FREQ_EDGES`, the last bin open), and, when the quantizer exposes ``integer_domain``,
         ``clipped_fraction`` and ``distance_hist`` (``0.5 - |v - round(v)|`` in ``DISTANCE_BINS`` bins of [0, 0.5])."""
         rows = []
-        for tw in self.weights:
-            s = tw.state
+        for site in self.weights:
+            s = self.state(site)
             n = s.freq.numel()
             rev = s.reversals.float()
             edges = [0.0] + [float(2 ** i) for i in range(REVERSAL_BINS - 1)]
             hist = [int(((rev >= lo) & (rev < hi)).sum()) for lo, hi in zip(edges, edges[1:])]
             hist.append(int((rev >= edges[-1]).sum()))
             row: Dict[str, Any] = dict(
-                site=tw.site, n=n, bits=tw.quantizer.bits, steps=int(s.steps),
+                site=site.site, n=n, bits=site.quantizer.bits, steps=int(s.steps),
                 osc_fraction=float((s.freq > self.report_threshold).float().mean()),
                 mean_freq=float(s.freq.mean()), frozen_fraction=float(s.frozen.float().mean()),
                 reversed_last_step=float(s.last_reversed), flipped_last_step=float(s.last_flipped),
                 reversal_hist=hist,
                 freq_hist=[int(((s.freq >= lo) & (s.freq < hi)).sum()) for lo, hi in zip(FREQ_EDGES, FREQ_EDGES[1:])]
                 + [int((s.freq >= FREQ_EDGES[-1]).sum())])
-            pos = grid_position(tw.quantizer, tw.layer.weight.detach())
+            pos = site.grid_position()
             if pos is not None:
-                qmin, qmax = tw.quantizer.code_range()
+                qmin, qmax = site.quantizer.code_range()
                 clipped = (pos < qmin - 0.5) | (pos > qmax + 0.5)
                 dist = (0.5 - (pos - torch.round(pos)).abs())[~clipped]
                 row["clipped_fraction"] = float(clipped.float().mean())
@@ -200,12 +199,6 @@ class OscillationTracker:
         return {"osc_fraction": sum(r["osc_fraction"] * r["n"] for r in rows) / total,
                 "frozen_fraction": sum(r["frozen_fraction"] * r["n"] for r in rows) / total,
                 "mean_freq": sum(r["mean_freq"] * r["n"] for r in rows) / total}
-
-
-def grid_position(quantizer: Quantizer, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The pre-rounding position of ``x`` in the quantizer's integer steps (None if the family has no such notion)."""
-    fn = getattr(quantizer, "integer_domain", None)
-    return fn(x) if fn is not None else None
 
 
 def cosine_schedule(step: int, total: int, start: float, end: float, begin: float = 0.25,

@@ -181,6 +181,10 @@ def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: 
     of a small image keeps 4x4 positions) trained in float for 3 epochs, then ``nagel_dampen`` W4A4 QAT with
     and without batch-norm re-estimation before evaluation."""
     key_fp = "cnn/fp"
+    bn_keys = [f"cnn/nagel_dampen/W4A4/bn_reestimation={bn}" for bn in (False, True)]
+    if all(k in done for k in bn_keys):            # finished: the float model's top-1 is in the records
+        done[key_fp] = {"key": key_fp, "top1": done[bn_keys[0]]["fp_top1"]}
+        return
     cnn = timm.create_model("mobilenetv2_050", in_chans=1, num_classes=10, output_stride=8)
     transform = create_eval_transform(qvit.create_reference_model())
     train = subset(build_dataset(None, "train", transform), args.train_images, 0)
@@ -193,8 +197,7 @@ def bn_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial: 
     fp = qvit.evaluate(cnn.eval(), loader, progress=False).top1
     done[key_fp] = {"key": key_fp, "top1": fp}
     recipe = qvit.load_recipe("nagel_dampen")
-    for bn in (False, True):
-        key = f"cnn/nagel_dampen/W4A4/bn_reestimation={bn}"
+    for bn, key in zip((False, True), bn_keys):
         if key in done:
             continue
         if bn:   # re-estimated before every evaluation, the final one included

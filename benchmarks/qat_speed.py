@@ -3,13 +3,16 @@
     python benchmarks/qat_speed.py                         # deit_small_patch16_224, batch 16, 224 px, lsq recipe
     python benchmarks/qat_speed.py --model test_vit --steps 5 --repeats 1
     python benchmarks/qat_speed.py --repeats 3 --with-unfused-fp   # also float training without fused attention
+    python benchmarks/qat_speed.py --repeats 5 --with-linear-only  # also QAT of the linear layers alone
 
 Each configuration trains in a fresh subprocess (peak resident memory is per process), float and quantized
 alternating ``--repeats`` times so both see the same machine state; the ratios use the medians. Quantized attention
 (q, k, v and softmax output quantized) computes ``softmax(q̂ k̂ᵀ) v̂`` explicitly, while float training uses
 PyTorch's fused attention kernel; ``--with-unfused-fp`` adds float training with timm's explicit attention
-(``timm.layers.set_fused_attn(False)``), to separate that cost from the cost of fake quantization. Step time excludes
-the first ``--warmup`` steps. Writes ``benchmarks/results/qat_speed.{md,json}``.
+(``timm.layers.set_fused_attn(False)``), to separate that cost from the cost of fake quantization.
+``--with-linear-only`` adds QAT with the same recipe but the attention sites (q, k, v, softmax output) in float, so
+that attention keeps the fused kernel: what a wrapper that quantizes only ``nn.Linear`` layers measures. Step time
+excludes the first ``--warmup`` steps. Writes ``benchmarks/results/qat_speed.{md,json}``.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the attention sites left in float by ``--with-linear-only``
+LINEAR_ONLY_OFF = ("attn.q", "attn.k", "attn.v", "attn.probs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--with-unfused-fp", action="store_true",
                    help="also time float training with explicit (unfused) attention, as quantized attention runs")
-    p.add_argument("--worker", choices=("fp", "fp_unfused", "qat"), help=argparse.SUPPRESS)
+    p.add_argument("--with-linear-only", action="store_true",
+                   help="also time QAT with the attention sites (q, k, v, softmax output) in float")
+    p.add_argument("--worker", choices=("fp", "fp_unfused", "qat", "qat_linear"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "qat_speed")
     return p.parse_args(argv)
 
@@ -62,9 +69,10 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, model.num_classes, (args.batch_size,))
-    if args.worker == "qat":
+    if args.worker in ("qat", "qat_linear"):
         recipe = qvit.load_recipe(args.recipe)
-        model = qvit.prepare(model, recipe.quant_config(args.bits, args.bits))
+        patch = {"roles": {r: {"enabled": False} for r in LINEAR_ONLY_OFF}} if args.worker == "qat_linear" else None
+        model = qvit.prepare(model, recipe.quant_config(args.bits, args.bits, patch))
         qvit.calibrate(model, x, progress=False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -85,7 +93,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     return {"kind": args.worker, "step_seconds": statistics.median(times), "peak_rss_mb": train_peak / 1024,
             "process_peak_rss_mb": peak / 1024,
             "peak_growth_mb": (peak - base) / 1024, "saved_mb": _saved_for_backward(model, x, y) / 2 ** 20,
-            "quantizer_params": len(quantizer_parameters(model)) if args.worker == "qat" else 0}
+            "quantizer_params": len(quantizer_parameters(model)) if args.worker != "fp" else 0}
 
 
 _COLUMNS = (("step_seconds", "{:.3f}"), ("peak_rss_mb", "{:.0f}"), ("saved_mb", "{:.0f}"), ("process_peak_rss_mb", "{:.0f}"))
@@ -150,7 +158,8 @@ def main(argv=None) -> int:
     base_cmd = [sys.executable, __file__, "--model", args.model, "--recipe", args.recipe, "--bits", str(args.bits),
                 "--batch-size", str(args.batch_size), "--img-size", str(args.img_size), "--steps", str(args.steps),
                 "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    kinds = ("fp", "fp_unfused", "qat") if args.with_unfused_fp else ("fp", "qat")
+    kinds = ("fp",) + (("fp_unfused",) if args.with_unfused_fp else ()) + ("qat",) + \
+        (("qat_linear",) if args.with_linear_only else ())
     for r in range(args.repeats):
         for kind in kinds:
             out = subprocess.run(base_cmd + ["--worker", kind], capture_output=True, text=True)
@@ -178,6 +187,12 @@ def main(argv=None) -> int:
         data["time_ratio_to_unfused_fp"] = med["qat"]["step_seconds"] / u["step_seconds"]
         data["memory_ratio_to_unfused_fp"] = med["qat"]["peak_rss_mb"] / u["peak_rss_mb"]
         rows += [f"| FP32, unfused attention | {_cells(u)} |", f"| ratio to unfused FP32 | {_ratio_cells(med['qat'], u)} |"]
+    if args.with_linear_only:
+        lin = med["qat_linear"]
+        data["time_ratio_linear_only"] = lin["step_seconds"] / med["fp"]["step_seconds"]
+        data["memory_ratio_linear_only"] = lin["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
+        rows += [f"| W{args.bits}A{args.bits} {args.recipe}, linear layers only | {_cells(lin)} |",
+                 f"| ratio, linear layers only | {_ratio_cells(lin, med['fp'])} |"]
     md = write_benchmark_record(args.out, data, f"# QAT cost: {args.model}, W{args.bits}A{args.bits} `{args.recipe}` vs float training\n\n"
           f"Command: `{command}`\n\nBatch {args.batch_size}, {args.img_size} px, AdamW, median of {args.repeats} "
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "

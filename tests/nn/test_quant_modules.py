@@ -34,12 +34,20 @@ def test_quant_linear_uses_quantized_weight():
     assert lin.weight_quantizer.site == "fc.weight"
 
 
-def test_explicit_attention_matches_fused_attention():
+def test_explicit_attention_matches_fused_attention(monkeypatch):
     attn = Attention(32, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(2, 9, 32)
     ref = attn(x)  # timm's fused (SDPA) path
     QuantAttention.convert(attn, {s: QuantSpec(enabled=False) for s in ("q", "k", "v", "probs")})
+    fused_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    assert fused_calls == [1]              # every attention site in float: the fused kernel runs
+    attn.tap = lambda module, name, t: None
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    assert fused_calls == [1]              # tapped: the explicit q·kᵀ, softmax and probs·v
 
 
 def test_window_attention_matches_with_shift_mask():

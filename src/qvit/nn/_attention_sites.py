@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .base import QuantModule
 from .recompute import can_recompute, quantizer_parameters, recomputed_matmul
@@ -33,7 +34,9 @@ class QuantAttentionCore(QuantModule):
     (with tensor hooks) output gradients. It must not change the tensors.
 
     In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` for the backward pass and recomputes
-    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active.
+    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When every
+    attention site is in floating point (or disabled) and nothing is tapped or added to the logits, it runs PyTorch's
+    fused ``scaled_dot_product_attention``.
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
@@ -86,6 +89,9 @@ class QuantAttentionCore(QuantModule):
 
         quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
+        if self.tap is None and add_to_logits is None and all(q is None or not q.enabled for q in quantizers):
+            # nothing to quantize or observe here: PyTorch's fused kernel computes the same
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.p if dropping else 0.0, scale=scale)
         if self.tap is None and not dropping and can_recompute(self, quantizers):
             return recomputed_matmul(operands, (q, k, v, *logit_terms), quantizer_parameters(quantizers))
         probs, v = operands(q, k, v, *logit_terms)

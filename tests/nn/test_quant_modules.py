@@ -48,6 +48,11 @@ def test_explicit_attention_matches_fused_attention(monkeypatch):
     attn.tap = lambda module, name, t: None
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
     assert fused_calls == [1]              # tapped: the explicit q·kᵀ, softmax and probs·v
+    attn.tap = None
+    attn.probs_quantizer = qvit.quantizers.create_quantizer(QuantSpec(bits=8))
+    attn.probs_quantizer.enabled = False
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+    assert fused_calls == [1]              # a disabled quantizer keeps the explicit path (toggling stays exact)
 
 
 def test_window_attention_matches_with_shift_mask():

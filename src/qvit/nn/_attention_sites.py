@@ -34,9 +34,10 @@ class QuantAttentionCore(QuantModule):
     (with tensor hooks) output gradients. It must not change the tensors.
 
     In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` for the backward pass and recomputes
-    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When every
-    attention site is in floating point (or disabled) and nothing is tapped or added to the logits, it runs PyTorch's
-    fused ``scaled_dot_product_attention``.
+    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When the
+    config leaves every attention site in floating point (no quantizer; a quantizer merely disabled keeps the explicit
+    path, so toggling it does not change the arithmetic) and nothing is tapped or added to the logits, it runs
+    PyTorch's fused ``scaled_dot_product_attention``.
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
@@ -89,8 +90,8 @@ class QuantAttentionCore(QuantModule):
 
         quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
-        if self.tap is None and add_to_logits is None and all(q is None or not q.enabled for q in quantizers):
-            # nothing to quantize or observe here: PyTorch's fused kernel computes the same
+        if self.tap is None and add_to_logits is None and all(q is None for q in quantizers):
+            # no attention site is quantized: PyTorch's fused kernel computes the same
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.p if dropping else 0.0, scale=scale)
         if self.tap is None and not dropping and can_recompute(self, quantizers):
             return recomputed_matmul(operands, (q, k, v, *logit_terms), quantizer_parameters(quantizers))

@@ -68,11 +68,20 @@ class _AffineFakeQuant(torch.autograd.Function):
 _ABOVE, _BELOW = 4.0, -4.0
 
 
+def _dense(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in contiguous memory (channels-last if ``like`` is a channels-last image batch). A compiled kernel that
+    writes the layout of a strided input (attention's ``q``, ``k``, ``v`` are views into ``qkv``) runs several times
+    slower, and every matrix product downstream would copy it again."""
+    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _fake_quant_terms(x, scale, offset, qmin: Bound, qmax: Bound):
-    """``(v, q, x̂)`` with ``v = (x - offset) / scale``, ``q = clamp(round(v))`` and ``x̂ = q * scale + offset``."""
+    """``(v, q, x̂)`` with ``v = (x - offset) / scale``, ``q = clamp(round(v))`` and ``x̂ = q * scale + offset``
+    (``x̂`` in dense memory, see :func:`_dense`)."""
     v = (x - offset) / scale if offset is not None else x / scale
     q = torch.clamp(torch.round(v), qmin, qmax)
-    return v, q, q * scale + offset if offset is not None else q * scale
+    return v, q, _dense(q * scale + offset if offset is not None else q * scale, x)
 
 
 def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
@@ -80,7 +89,7 @@ def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
     ``_ABOVE`` where ``v >= qmax`` and ``_BELOW`` where ``v <= qmin`` (``v = (x - offset) / scale``)."""
     v, q, out = _fake_quant_terms(x, scale, offset, qmin, qmax)
     r = torch.where(v >= qmax, _ABOVE, torch.where(v <= qmin, _BELOW, q - v))
-    return out, r.to(torch.float16)
+    return out, _dense(r.to(torch.float16), x)
 
 
 def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound):

@@ -181,6 +181,7 @@ class _RecomputedMatmul(torch.autograd.Function):
             leaves = [_leaf(t, need[i]) for i, t in enumerate(tensors[:n])]
             params = list(tensors[n:])
             a, b = ctx.fn(*leaves)
+            grad = grad.contiguous()      # often a transposed view; both products below would copy it
             grad_a = grad @ b.detach().transpose(-2, -1) if a.requires_grad else None
             grad_b = a.detach().transpose(-2, -1) @ grad if b.requires_grad else None
             grads = _grads((a, b), (grad_a, grad_b), (*leaves, *params))

@@ -92,6 +92,26 @@ def reversal_stats(run_dir: Path) -> Dict[str, float]:
             "reversed_last_step": sum(r["reversed_last_step"] * r["n"] for r in layers) / total}
 
 
+def window_stats(run_dir: Path) -> Dict[str, Any]:
+    """Oscillation at the end of a run, from the per-weight reversal counts in its last two checkpoints:
+    ``window_reversed_fraction``, the fraction of tracked weights whose code reversed direction at least once between
+    them, and ``window_steps``, their optimizer steps. Unlike the EMA frequency and the whole-run counts, this sees
+    the final stage of a schedule (OFQ's CGA, the last freezing thresholds) even when it is short."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").exists() else []
+    if len(ckpts) < 2:
+        return {}
+    first, last = (torch.load(c / "pytorch_model.bin", map_location="cpu", weights_only=True) for c in ckpts[-2:])
+    reversed_, total = 0, 0
+    for key, count in last.items():
+        if key.endswith(".oscillation.reversals") and key in first:
+            reversed_ += int((count - first[key] >= 1).sum())
+            total += count.numel()
+    if not total:
+        return {}
+    return {"window_reversed_fraction": reversed_ / total,
+            "window_steps": [int(c.name.rsplit("_", 1)[1]) for c in ckpts[-2:]]}
+
+
 def metrics_rows(run_dir: Path) -> List[Dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (one per logged optimizer step); empty if the run has none."""
     path = run_dir / "metrics.jsonl"
@@ -134,8 +154,10 @@ def expectation_lines(done: Dict[str, Dict[str, Any]], args: argparse.Namespace)
         if "lsq" not in args.recipes:
             break
         fields = [("osc_fraction", "final EMA")]
-        if all("repeat_reversal_fraction" in r for n in args.recipes for r in seed_runs(done, n, b, args.seeds)):
-            fields.append(("repeat_reversal_fraction", ">= 4 reversals"))
+        for field, label in (("repeat_reversal_fraction", ">= 4 reversals"),
+                             ("window_reversed_fraction", "reversed in the last checkpoint interval")):
+            if all(field in r for n in args.recipes for r in seed_runs(done, n, b, args.seeds)):
+                fields.append((field, label))
         for name in (n for n in ("nagel_dampen", "nagel_freeze", "ofq") if n in args.recipes):
             d_top1 = mean(name, b, "top1") - mean("lsq", b, "top1")
             parts = [f"top-1 {d_top1:+.2f} points"]
@@ -170,7 +192,7 @@ def vit_runs(args: argparse.Namespace, done: Dict[str, Dict[str, Any]], partial:
                            steps=result["steps"],
                            seconds=result["seconds"], osc_fraction=rows[-1].get("osc_fraction"),
                            frozen_fraction=rows[-1].get("frozen_fraction"), run_dir=str(run_dir),
-                           **reversal_stats(run_dir), **curve_stats(rows))
+                           **reversal_stats(run_dir), **curve_stats(rows), **window_stats(run_dir))
                 done[key] = append_run(partial, rec, run_settings(args))
                 print(f"{key}: top-1 {top1:.2f}%, oscillating {100 * (rec['osc_fraction'] or 0):.3f}%", flush=True)
     return {"fp_top1": fp, "eval_images": sum(len(y) for _, y in loader)}
@@ -234,16 +256,20 @@ def main(argv=None) -> int:
             cells.append(f"{statistics.mean(r['top1'] for r in recs):.2f} | "
                          f"{100 * statistics.mean(r['osc_fraction'] or 0 for r in recs):.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for rec in done.values():      # runs recorded before the peak was: read it from their run directory
-        if "recipe" in rec and "peak_osc_fraction" not in rec and rec.get("run_dir"):
-            rec.update(curve_stats(metrics_rows(Path(rec["run_dir"]))))
+    for rec in done.values():      # runs recorded before these measures were: read them from their run directory
+        if "recipe" in rec and rec.get("run_dir") and Path(rec["run_dir"]).exists():
+            if "peak_osc_fraction" not in rec:
+                rec.update(curve_stats(metrics_rows(Path(rec["run_dir"]))))
+            if "window_reversed_fraction" not in rec:
+                rec.update(window_stats(Path(rec["run_dir"])))
     reversal_lines = []
     if any("repeat_reversal_fraction" in done.get(f"{n}/W{b}A{b}/seed{s}", {}) for n in args.recipes
            for b in args.bits for s in args.seeds):
         reversal_lines = ["", "| method | " + " | ".join(f"W{b}A{b} >= 4 reversals (%) | W{b}A{b} reversed in the "
-                                                            f"last step (%) | W{b}A{b} peak osc. in training (%)"
+                                                            f"last step (%) | W{b}A{b} peak osc. in training (%) | "
+                                                            f"W{b}A{b} reversed in the last checkpoint interval (%)"
                                                             for b in args.bits) + " |",
-                          "|---|" + "---|---|---|" * len(args.bits)]
+                          "|---|" + "---|---|---|---|" * len(args.bits)]
         for name in args.recipes:
             cells = []
             for b in args.bits:
@@ -252,13 +278,18 @@ def main(argv=None) -> int:
                     f"{100 * statistics.mean(r[field] for r in recs):.{digits}f}"
                     if all(field in r for r in recs) else "-"
                     for field, digits in (("repeat_reversal_fraction", 3), ("reversed_last_step", 4),
-                                          ("peak_osc_fraction", 3))))
+                                          ("peak_osc_fraction", 3), ("window_reversed_fraction", 3))))
             reversal_lines.append(f"| {name} | " + " | ".join(cells) + " |")
     steps = max(r.get("steps", 0) for r in done.values() if "recipe" in r)
     peak_note = (" The peak column is the largest fraction logged during training: once the learning rate has annealed, "
                  "weights stop crossing rounding thresholds and the EMA decays, so the final fraction lies below it."
                  if reversal_lines else "")
-    notes = ["", ema_note(args.recipes[0], steps) + peak_note, "",
+    windows = sorted({tuple(r["window_steps"]) for r in done.values() if "recipe" in r and "window_steps" in r})
+    window_note = (" The last column counts the weights whose code reversed at least once between the run's last two "
+                   f"checkpoints (steps {', '.join(f'{a}-{b}' for a, b in windows)}), the end of the schedule, where "
+                   "OFQ's confidence-guided annealing and the lowest freezing thresholds act; '-' where a run's "
+                   "checkpoints were not kept." if windows else "")
+    notes = ["", ema_note(args.recipes[0], steps) + peak_note + window_note, "",
              "Against the expectation (anti-oscillation recipes: fewer oscillating weights than lsq and at least its "
              "top-1):", ""] + expectation_lines(done, args)
     bn_lines = []

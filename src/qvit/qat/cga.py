@@ -71,13 +71,20 @@ class ConfidenceGuidedAnnealing:
                 self.products.append(site)
         if not self.sites and not self.products:
             raise ValueError(f"CGA found no quantized weight in layers named {tuple(suffixes)}")
+        confident(torch.zeros(1), boundary_range)                # validates the range
+        for site in self.sites + self.products:
+            if getattr(site.quantizer, "integer_domain", None) is None:
+                raise ValueError(f"{site.site}: {type(site.quantizer).__name__} has no integer_domain; CGA needs the "
+                                 "pre-rounding value")
         self.gate_active: Callable[[], bool] = lambda: True
         self._gated: Dict[str, Tuple[int, int]] = {}
-        self._handles = [site.quantizer.register_forward_hook(self._gate_hook(site.site)) for site in self.products]
+        for site in self.products:
+            site.quantizer.register_forward_hook(self._gate_hook(site.site))
         self._saved: Dict[str, tuple] = {}
 
     def _gate_hook(self, name: str) -> Callable:
-        @side_effect_free     # depends only on the quantizer's input: the recomputed pass gates the same entries
+        # the output depends only on the quantizer's input, and a repeated pass rewrites the same count
+        @side_effect_free
         def hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             w = args[0]
             if not (torch.is_grad_enabled() and w.requires_grad) or not quantizer.enabled or quantizer.observing \
@@ -88,12 +95,6 @@ class ConfidenceGuidedAnnealing:
             return torch.where(mask, out.detach(), out)
         return hook
 
-    def remove(self) -> None:
-        """Take the gradient gates off the computed sites."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
     @torch.no_grad()
     def before_step(self) -> float:
         """Zero the gradients of confident weights and remember their values; returns the trainable fraction (of the
@@ -101,11 +102,7 @@ class ConfidenceGuidedAnnealing:
         trainable = total = 0
         for site in self.sites:
             weight = site.value()
-            position = site.grid_position()
-            if position is None:
-                raise ValueError(f"{type(site.quantizer).__name__} has no integer_domain; CGA needs the pre-rounding "
-                                 "value")
-            mask = confident(position, self.boundary_range)
+            mask = confident(site.grid_position(), self.boundary_range)
             grad = site.parameter.grad
             if grad is not None:
                 (grad if site.rows is None else grad[site.rows])[mask] = 0

@@ -34,6 +34,28 @@ def test_fused_kernels_match_the_eager_ones(offset, shape, scale_shape, monkeypa
         torch.testing.assert_close(fused_grads[2], eager_grads[2], rtol=1e-5, atol=1e-5)
 
 
+def test_fused_kernels_write_strided_inputs_densely(monkeypatch):
+    # attention's q, k, v are views into qkv: the outputs come back contiguous, values and gradients unchanged
+    gen = torch.Generator().manual_seed(1)
+    qkv = (3 * torch.randn(2, 5, 3, 2, 4, generator=gen)).requires_grad_()
+    scale = torch.tensor(0.4, requires_grad=True)
+    grad = torch.randn(2, 2, 5, 4, generator=gen)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(functional, "_FUSED", fused)
+        qkv.grad = scale.grad = None
+        out = functional.affine_fake_quant(qkv.permute(2, 0, 3, 1, 4)[0], scale, None, -8, 7)
+        out.backward(grad)
+        results.append((out.detach(), qkv.grad.clone(), scale.grad.clone()))
+    (eager_out, eager_gx, eager_gs), (fused_out, fused_gx, fused_gs) = results
+    assert fused_out.is_contiguous() and torch.equal(fused_out, eager_out)
+    assert torch.equal(fused_gx, eager_gx)
+    torch.testing.assert_close(fused_gs, eager_gs, rtol=1e-3, atol=1e-3)
+    image = torch.randn(2, 3, 4, 4, generator=gen).to(memory_format=torch.channels_last).requires_grad_()
+    out = functional.affine_fake_quant(image, scale, None, -8, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last)       # a dense layout is kept
+
+
 def test_fused_kernels_take_tensor_bounds_and_the_range_edges(monkeypatch):
     # per-channel bounds (a uniform quantizer's qmin - zero); values exactly on a bound count as clipped
     x = torch.tensor([[-2.0, -1.0, 0.2, 1.0, 3.0], [0.0, 0.5, 1.5, 2.0, 9.0]], requires_grad=True)

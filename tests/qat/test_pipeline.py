@@ -42,6 +42,7 @@ def test_every_qat_recipe_runs(name, tmp_path):
         assert rows[0]["cga_trainable_fraction"] == 1.0 and rows[-1]["cga_trainable_fraction"] < 0.2
     if "query_key_reparameterization" in callbacks:
         assert qmodel.blocks[0].attn.qkr and qmodel.blocks[0].attn.qkx_quantizer.initialized
+        assert not qmodel.blocks[0].attn.qk_weight_quantizer._forward_hooks     # CGA's gate left with the trainer
     rows_sites = {r.site: r for r in qvit.describe(qmodel)}
     assert rows_sites["blocks.0.mlp.fc1.weight"].bits == 3 and rows_sites["head.weight"].bits == 8
 

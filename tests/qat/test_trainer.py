@@ -49,6 +49,33 @@ def test_a_few_qat_steps_lower_the_loss(tmp_path):
     assert (tmp_path / "oscillation.jsonl").read_text().count("\n") == 4      # one per epoch
 
 
+class _Recorder(Callback):
+    def __init__(self, name, log, order=0):
+        self.name, self.log, self.order = name, log, order
+
+    def after_step(self, trainer):
+        self.log.append((trainer.step, self.name))
+
+    def teardown(self, trainer):
+        self.log.append(("teardown", self.name))
+
+
+def test_trackers_run_after_the_other_callbacks_and_every_callback_is_torn_down(tmp_path):
+    model, teacher, data = _setup()
+    log = []
+    tracker = create_callback("track_oscillations", {"max_bits": 4})
+    recorders = [_Recorder("first", log), _Recorder("last", log, order=20), _Recorder("second", log)]
+    trainer = QATTrainer(model, teacher, data, config=_config(epochs=1, loss="ce"), out_dir=tmp_path, progress=False,
+                         callbacks=[recorders[0], tracker, recorders[1], recorders[2], _Interrupt(2)])
+    assert [type(cb).__name__ for cb in trainer.callbacks][:2] == ["_Recorder", "_Recorder"]
+    assert trainer.callbacks.index(tracker) == 3           # order 10: after every order-0 callback, before order 20
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert log[:3] == [(1, "first"), (1, "second"), (1, "last")]
+    assert [e for e in log if e[0] == "teardown"] == [("teardown", "first"), ("teardown", "second"),
+                                                      ("teardown", "last")]      # also when training stops
+
+
 class _Interrupt(Callback):
     def __init__(self, at: int):
         self.at = at

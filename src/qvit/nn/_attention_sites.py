@@ -37,7 +37,8 @@ class QuantAttentionCore(QuantModule):
     the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When the
     config leaves every attention site in floating point (no quantizer; a quantizer merely disabled keeps the explicit
     path, so toggling it does not change the arithmetic) and nothing is tapped or added to the logits, it runs
-    PyTorch's fused ``scaled_dot_product_attention``.
+    PyTorch's fused ``scaled_dot_product_attention`` where timm would (the module's ``fused_attn``; like timm's own
+    fused path, attention dropout then draws its mask inside the kernel and ``attn_drop`` hooks do not fire).
     """
 
     quant_slots = (("q", False), ("k", False), ("v", False), ("probs", False))
@@ -90,7 +91,8 @@ class QuantAttentionCore(QuantModule):
 
         quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
-        if self.tap is None and add_to_logits is None and all(q is None for q in quantizers):
+        if self.tap is None and add_to_logits is None and getattr(self, "fused_attn", True) \
+                and all(quantizer is None for quantizer in quantizers):
             # no attention site is quantized: PyTorch's fused kernel computes the same
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.p if dropping else 0.0, scale=scale)
         if self.tap is None and not dropping and can_recompute(self, quantizers):

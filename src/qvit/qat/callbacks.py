@@ -47,9 +47,14 @@ def list_callbacks() -> List[str]:
 
 
 class Callback:
-    """Base class: every hook is a no-op."""
+    """Base class: every hook is a no-op.
+
+    The trainer runs its callbacks in recipe order, stably sorted by ``order``: oscillation tracking (``order`` 10)
+    comes after the callbacks that change weights after a step (CGA's restore), so it sees the weights that stay.
+    """
 
     name = "callback"
+    order = 0
 
     def setup(self, trainer: Any) -> None:
         """Once, after the model is prepared and calibrated and before any checkpoint is loaded."""
@@ -66,6 +71,9 @@ class Callback:
     def before_eval(self, trainer: Any) -> None:
         pass
 
+    def teardown(self, trainer: Any) -> None:
+        """When training ends or stops: take off what only training needs (hooks that hold the trainer)."""
+
     def metrics(self, trainer: Any) -> Dict[str, float]:
         """Scalars logged with the training metrics."""
         return {}
@@ -78,6 +86,8 @@ class TrackOscillations(Callback):
     Freezing (Nagel's iterative weight freezing) is on when ``freeze_threshold > 0``: the threshold is 0 for the first
     ``start`` fraction of the steps, then decays by cosine from ``freeze_threshold`` to ``freeze_threshold_final``.
     """
+
+    order = 10
 
     def __init__(self, momentum: float = 0.001, max_bits: int = 4, report_threshold: float = 0.005,
                  freeze_threshold: float = 0.0, freeze_threshold_final: float = 0.0, start: float = 0.25) -> None:
@@ -172,6 +182,9 @@ class CGACallback(Callback):
     def after_step(self, trainer: Any) -> None:
         if self.active:
             self.cga.after_step()
+
+    def teardown(self, trainer: Any) -> None:
+        self.cga.remove()
 
     def metrics(self, trainer: Any) -> Dict[str, float]:
         return {"cga_trainable_fraction": self.trainable}

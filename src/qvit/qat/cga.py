@@ -71,15 +71,15 @@ class ConfidenceGuidedAnnealing:
                 self.products.append(site)
         if not self.sites and not self.products:
             raise ValueError(f"CGA found no quantized weight in layers named {tuple(suffixes)}")
-        confident(torch.zeros(1), boundary_range)                # validates the range
+        if not 0 < boundary_range < 0.5:
+            raise ValueError(f"boundary_range must be in (0, 0.5), got {boundary_range}")
         for site in self.sites + self.products:
             if getattr(site.quantizer, "integer_domain", None) is None:
                 raise ValueError(f"{site.site}: {type(site.quantizer).__name__} has no integer_domain; CGA needs the "
                                  "pre-rounding value")
         self.gate_active: Callable[[], bool] = lambda: True
         self._gated: Dict[str, Tuple[int, int]] = {}
-        for site in self.products:
-            site.quantizer.register_forward_hook(self._gate_hook(site.site))
+        self._handles = [site.quantizer.register_forward_hook(self._gate_hook(site.site)) for site in self.products]
         self._saved: Dict[str, tuple] = {}
 
     def _gate_hook(self, name: str) -> Callable:
@@ -95,6 +95,12 @@ class ConfidenceGuidedAnnealing:
             return torch.where(mask, out.detach(), out)
         return hook
 
+    def remove(self) -> None:
+        """Take the gradient gates off the computed sites (the model no longer refers to this object)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     @torch.no_grad()
     def before_step(self) -> float:
         """Zero the gradients of confident weights and remember their values; returns the trainable fraction (of the
@@ -106,7 +112,7 @@ class ConfidenceGuidedAnnealing:
             grad = site.parameter.grad
             if grad is not None:
                 (grad if site.rows is None else grad[site.rows])[mask] = 0
-            self._saved[site.site] = (mask, weight[mask].clone())
+            self._saved[site.site] = (mask, weight[mask])         # boolean indexing copies
             trainable += int((~mask).sum())
             total += mask.numel()
         for n_trainable, n in self._gated.values():

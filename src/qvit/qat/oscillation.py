@@ -130,11 +130,15 @@ class OscillationTracker:
             q = site.quantizer
             if q.bits > max_bits:
                 continue
+            value = site.value()
             if not hasattr(q, "oscillation"):
-                value = site.value()
                 q.oscillation = OscillationState(value.shape, value.device)
                 if site.frozen_in_place:
                     q.register_forward_hook(_freeze_hook)
+            elif q.oscillation.freq.shape != value.shape:
+                raise ValueError(f"{site.site}: its oscillation state has shape {tuple(q.oscillation.freq.shape)} but "
+                                 f"the site now has {tuple(value.shape)} values (was the model changed, e.g. by QKR, "
+                                 "after tracking started?)")
             self.weights.append(site)
         if not self.weights:
             raise ValueError(f"no weight quantizer with at most {max_bits} bits to track")

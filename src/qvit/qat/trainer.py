@@ -196,7 +196,7 @@ class QATTrainer:
         cpu = (not torch.cuda.is_available()) if cpu is None else cpu
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision if not cpu else "no")
         set_seed(cfg.seed)
-        self.callbacks = list(callbacks)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
         self.unwrapped_model = model
         self.train_set = train_set
         self.oscillation_tracker = None
@@ -461,6 +461,8 @@ class QATTrainer:
             bar.close()
             if self._tb is not None:
                 self._tb.close()
+            for cb in self.callbacks:
+                cb.teardown(self)
         self.save_checkpoint()
         return {"steps": self.state.step, "history": self.state.history, "seconds": time.time() - t0,
                 "config": asdict(self.config)}

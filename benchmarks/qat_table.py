@@ -297,7 +297,10 @@ def main(argv=None) -> int:
                    f"checkpoints (steps {', '.join(f'{a}-{b}' for a, b in windows)}), the end of the schedule, where "
                    "OFQ's confidence-guided annealing and the lowest freezing thresholds act; '-' where a run's "
                    "checkpoints were not kept." if windows else "")
-    notes = ["", ema_note(args.recipes[0], steps) + peak_note + window_note, "",
+    ofq_note = (" ofq's fractions are over the values it rounds: fc1, fc2, proj, the value rows of qkv and the product "
+                "W_q^T W_k of every head (query-key reparameterization); the other recipes round all of qkv."
+                if "ofq" in args.recipes else "")
+    notes = ["", ema_note(args.recipes[0], steps) + peak_note + window_note + ofq_note, "",
              "Against the expectation (anti-oscillation recipes: fewer oscillating weights than lsq and at least its "
              "top-1):", ""] + expectation_lines(done, args)
     bn_lines = []

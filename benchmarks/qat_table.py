@@ -143,6 +143,12 @@ def seed_runs(done: Dict[str, Dict[str, Any]], name: str, bits: int, seeds: List
     return [done[f"{name}/W{bits}A{bits}/seed{s}"] for s in seeds]
 
 
+#: the per-run oscillation measures beside the final EMA fraction: (record field, column label, decimals)
+REVERSAL_COLUMNS = (("repeat_reversal_fraction", ">= 4 reversals", 3), ("reversed_last_step", "reversed in the last step", 4),
+                    ("peak_osc_fraction", "peak osc. in training", 3),
+                    ("window_reversed_fraction", "reversed in the last checkpoint interval", 3))
+
+
 def measured_seeds(done: Dict[str, Dict[str, Any]], args: argparse.Namespace, bits: int, field: str) -> List[int]:
     """The seeds at which every recipe's run at ``bits`` has ``field`` (older runs may lack a newer measure)."""
     return [s for s in args.seeds if all(field in seed_runs(done, n, bits, [s])[0] for n in args.recipes)]
@@ -269,34 +275,33 @@ def main(argv=None) -> int:
                 rec.update(curve_stats(metrics_rows(Path(rec["run_dir"]))))
             if "window_reversed_fraction" not in rec:
                 rec.update(window_stats(Path(rec["run_dir"])))
+    columns = [(field, label, digits) for field, label, digits in REVERSAL_COLUMNS
+               if any(measured_seeds(done, args, b, field) for b in args.bits)]
     reversal_lines = []
-    if any("repeat_reversal_fraction" in done.get(f"{n}/W{b}A{b}/seed{s}", {}) for n in args.recipes
-           for b in args.bits for s in args.seeds):
-        reversal_lines = ["", "| method | " + " | ".join(f"W{b}A{b} >= 4 reversals (%) | W{b}A{b} reversed in the "
-                                                            f"last step (%) | W{b}A{b} peak osc. in training (%) | "
-                                                            f"W{b}A{b} reversed in the last checkpoint interval (%)"
-                                                            for b in args.bits) + " |",
-                          "|---|" + "---|---|---|---|" * len(args.bits)]
+    if columns:
+        reversal_lines = ["", "| method | " + " | ".join(f"W{b}A{b} {label} (%)" for b in args.bits
+                                                         for _, label, _ in columns) + " |",
+                          "|---|" + "---|" * (len(columns) * len(args.bits))]
         for name in args.recipes:
             cells = []
             for b in args.bits:
-                cells.append(" | ".join(
-                    f"{100 * statistics.mean(r[field] for r in seed_runs(done, name, b, seeds)):.{digits}f}"
-                    + ("" if seeds == args.seeds else f" (seed{'s' * (len(seeds) > 1)} "
-                                                       f"{', '.join(map(str, seeds))})") if seeds else "-"
-                    for field, digits in (("repeat_reversal_fraction", 3), ("reversed_last_step", 4),
-                                          ("peak_osc_fraction", 3), ("window_reversed_fraction", 3))
-                    for seeds in [measured_seeds(done, args, b, field)]))
+                for field, _, digits in columns:
+                    seeds = measured_seeds(done, args, b, field)
+                    value = statistics.mean(r[field] for r in seed_runs(done, name, b, seeds)) if seeds else None
+                    cells.append("-" if value is None else f"{100 * value:.{digits}f}" + (
+                        "" if seeds == args.seeds else f" (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"))
             reversal_lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    shown = {field for field, _, _ in columns}
     steps = max(r.get("steps", 0) for r in done.values() if "recipe" in r)
     peak_note = (" The peak column is the largest fraction logged during training: once the learning rate has annealed, "
                  "weights stop crossing rounding thresholds and the EMA decays, so the final fraction lies below it."
-                 if reversal_lines else "")
+                 if "peak_osc_fraction" in shown else "")
     windows = sorted({tuple(r["window_steps"]) for r in done.values() if "recipe" in r and "window_steps" in r})
-    window_note = (" The last column counts the weights whose code reversed at least once between the run's last two "
+    window_note = (" The last-checkpoint-interval column counts the weights whose code reversed at least once between "
+                   "the run's last two "
                    f"checkpoints (steps {', '.join(f'{a}-{b}' for a, b in windows)}), the end of the schedule, where "
-                   "OFQ's confidence-guided annealing and the lowest freezing thresholds act; '-' where a run's "
-                   "checkpoints were not kept." if windows else "")
+                   "OFQ's confidence-guided annealing and the lowest freezing thresholds act. A value that names its "
+                   "seeds is the mean over those: the other seeds' runs were made before a measure existed." if "window_reversed_fraction" in shown else "")
     ofq_note = (" ofq's fractions are over the values it rounds: fc1, fc2, proj, the value rows of qkv and the product "
                 "W_q^T W_k of every head (query-key reparameterization); the other recipes round all of qkv."
                 if "ofq" in args.recipes else "")

@@ -1,27 +1,18 @@
 """Weight sites: the values each weight quantizer rounds, including QKR's value rows and W_q^T W_k product."""
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
 import qvit
 from qvit.models import iter_weight_sites
 from qvit.nn import WeightSite
-from qvit.nn.qkr import enable_qkr, qk_product
+from qvit.nn.qkr import qk_product
 
-W_SPEC = {"kind": "statsq", "granularity": "channel", "axis": 0}
-X_SPEC = {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1, "init": "lsq"}
+from tests.helpers import statsq_test_vit
 
 
 def _vit(qkr: bool) -> nn.Module:
-    torch.manual_seed(0)
-    model = qvit.prepare(timm.create_model("test_vit", img_size=32), {
-        "weight": {"kind": "statsq", "granularity": "channel", "axis": 0},
-        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": 3, "a_bits": 3})
-    qvit.calibrate(model, torch.randn(4, 3, 32, 32), progress=False)
-    if qkr:
-        enable_qkr(model, W_SPEC, X_SPEC)
-    return model
+    return statsq_test_vit(w_bits=3, a_bits=3, qkr=qkr)
 
 
 def test_plain_sites_are_the_layers_weights():

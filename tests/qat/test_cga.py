@@ -7,6 +7,8 @@ import qvit
 from qvit.qat import ConfidenceGuidedAnnealing, confidence_mask
 from qvit.qat.cga import confident
 
+from tests.helpers import statsq_test_vit
+
 
 def _statsq_layer(weight: torch.Tensor) -> nn.Module:
     model = qvit.prepare(nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False)), {"overrides": {
@@ -58,15 +60,7 @@ def test_cga_errors():
 
 
 def _qkr_vit():
-    import timm
-    from qvit.nn.qkr import enable_qkr
-    torch.manual_seed(0)
-    model = qvit.prepare(timm.create_model("test_vit", img_size=32), {
-        "weight": {"kind": "statsq", "granularity": "channel", "axis": 0},
-        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": 2, "a_bits": 4})
-    qvit.calibrate(model, torch.randn(4, 3, 32, 32), progress=False)
-    enable_qkr(model, {"kind": "statsq", "granularity": "channel", "axis": 0},
-               {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1, "init": "lsq"})
+    model = statsq_test_vit(w_bits=2, a_bits=4)
     with torch.no_grad():
         for blk in model.blocks:                  # no query bias: W_q and W_k then learn only through W_qk
             d = blk.attn.qkv.weight.shape[0] // 3

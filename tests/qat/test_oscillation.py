@@ -6,6 +6,8 @@ import torch.nn as nn
 import qvit
 from qvit.qat import OscillationTracker, cosine_schedule
 
+from tests.helpers import statsq_test_vit
+
 
 def _layer(weight: torch.Tensor, kind: str = "uniform") -> nn.Module:
     """A prepared 1-layer model whose 4-bit per-tensor weight quantizer has step 1 (codes = rounded weights)."""
@@ -118,15 +120,8 @@ def test_tracker_works_in_the_lsq_integer_domain_and_skips_8bit_layers():
 
 
 def test_qkr_tracks_the_rounded_values_only_and_never_freezes_them():
-    import timm
-    from qvit.nn.qkr import enable_qkr, qk_product
-    torch.manual_seed(0)
-    model = qvit.prepare(timm.create_model("test_vit", img_size=32), {
-        "weight": {"kind": "statsq", "granularity": "channel", "axis": 0},
-        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": 2, "a_bits": 4})
-    qvit.calibrate(model, torch.randn(4, 3, 32, 32), progress=False)
-    enable_qkr(model, {"kind": "statsq", "granularity": "channel", "axis": 0},
-               {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1, "init": "lsq"})
+    from qvit.nn.qkr import qk_product
+    model = statsq_test_vit(w_bits=2, a_bits=4)
     tracker = OscillationTracker(model, momentum=0.5)
     attn = model.blocks[0].attn
     hd = attn.num_heads * attn.head_dim

@@ -64,8 +64,9 @@ class OscillationState(nn.Module):
         self.register_buffer("last_flipped", torch.zeros((), **kw))
 
     @torch.no_grad()
-    def update(self, raw_int: torch.Tensor, weight: torch.Tensor, momentum: float, threshold: float) -> None:
-        """One optimizer step: freezing (when ``threshold > 0``), then the reversal statistics."""
+    def update(self, raw_int: torch.Tensor, weight: Optional[torch.Tensor], momentum: float, threshold: float) -> None:
+        """One optimizer step: freezing (when ``threshold > 0``; ``weight`` is then the latent weight), then the
+        reversal statistics."""
         raw_int = raw_int.float()
         if threshold > 0:
             if not bool(self.ema_started):
@@ -159,8 +160,10 @@ class OscillationTracker:
             if site.frozen_in_place and bool(state.frozen.any()):
                 weight = site.parameter
                 weight.data[state.frozen] = state.frozen_weight[state.frozen].to(weight.dtype)
-            threshold = self.freeze_threshold if site.frozen_in_place else 0.0
-            state.update(site.codes(), site.value().detach(), self.momentum, threshold)
+            if site.frozen_in_place:
+                state.update(site.codes(), site.parameter.detach(), self.momentum, self.freeze_threshold)
+            else:       # never frozen: the latent values (a computed product, say) are not needed
+                state.update(site.codes(), None, self.momentum, 0.0)
 
     # ------------------------------------------------------------------ reports
     @torch.no_grad()

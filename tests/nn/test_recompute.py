@@ -8,15 +8,17 @@ import torch.nn as nn
 
 import qvit
 from qvit.nn.recompute import can_recompute, recompute_enabled, use_recompute
+from qvit.quantizers.functional import fused_kernels_enabled, use_fused_kernels
 from qvit.qat import OscillationTracker
 from qvit.recipes import load_recipe
 
 
 @pytest.fixture(autouse=True)
 def _restore_setting():
-    before = recompute_enabled()
+    before, fused = recompute_enabled(), fused_kernels_enabled()
     yield
     use_recompute(before)
+    use_fused_kernels(fused)
 
 
 def _linear(kind: str) -> nn.Module:
@@ -29,7 +31,10 @@ def _linear(kind: str) -> nn.Module:
 
 
 def _grads(model: nn.Module, x: torch.Tensor, recompute: bool):
+    """Output, input gradient and parameter gradients; without recomputation, the eager kernels (exact
+    ``round(v) - v``, as the recomputed path's direct gradients)."""
     use_recompute(recompute)
+    use_fused_kernels(recompute)
     model.zero_grad()
     x = x.clone().requires_grad_(True)
     out = model(x)
@@ -75,7 +80,9 @@ def test_whole_model_gradients_match_the_plain_path(arch):
     assert any("probs_quantizer" in n for n in g_p) and any("relative_position" in n for n in g_p) == (arch == "swin")
     for name in g_p:
         scale = g_p[name].abs().max().clamp(min=1e-6)
-        assert (g_r[name] - g_p[name]).abs().max() / scale < 1e-4, name
+        # a convolution's quantizers keep round(v) - v in float16 in the fused kernels (recomputed layers: exact)
+        tol = 1e-3 if "_quantizer." in name else 1e-4
+        assert (g_r[name] - g_p[name]).abs().max() / scale < tol, name
 
 
 def test_frozen_weights_get_no_gradient_with_recomputation():
@@ -145,3 +152,23 @@ def test_recomputation_stores_far_less_for_the_backward_pass():
     plain = _saved_bytes(copy.deepcopy(model), x, False)
     lean = _saved_bytes(model, x, True)
     assert lean < 0.7 * plain, (lean, plain)
+
+
+def test_unhooked_affine_quantizers_get_direct_gradients_and_others_their_graph():
+    from qvit.nn.recompute import _direct_args
+    from qvit.quantizers import LSQPlusQuantizer
+    layer = _linear("statsq")[0]
+    x = torch.randn(4, 5, 12)
+    args = _direct_args(layer.input_quantizer, x)
+    assert args is not None and args.scale.requires_grad and args.offset is not None
+    assert _direct_args(layer.weight_quantizer, layer.weight) is None            # StatsQ is not an affine grid
+    handle = layer.input_quantizer.register_forward_hook(lambda m, a, o: o)      # a hook may change the output
+    assert _direct_args(layer.input_quantizer, x) is None
+    handle.remove()
+
+    class Doubled(LSQPlusQuantizer):
+        def fake_quant(self, x):
+            return 2 * super().fake_quant(x)
+
+    layer.input_quantizer.__class__ = Doubled      # changes fake_quant but not fake_quant_args: back to the graph
+    assert _direct_args(layer.input_quantizer, x) is None

@@ -112,3 +112,29 @@ def test_gradient_free_kernel_matches_the_eager_one_and_only_runs_inside_the_con
     assert calls == [functional._fused_fake_quant]
     assert torch.equal(fused, eager)
     assert functional._FUSED_WITHOUT_GRAD == 0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("shape,scale_shape", [((64, 30), ()), ((16, 30), (16, 1)), ((2, 3, 7, 7), (1, 3, 1, 1))])
+def test_direct_gradients_equal_back_propagation_through_the_eager_kernel(fused, offset, shape, scale_shape,
+                                                                          monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
+    scale = (0.3 + torch.rand(scale_shape, generator=gen)).requires_grad_()
+    off = (torch.rand(scale_shape, generator=gen) - 0.5).requires_grad_() if offset else None
+    grad = torch.randn(shape, generator=gen)
+    eager_out, eager_grads = _run(False, x, scale, off, -8, 7, grad, monkeypatch)
+    monkeypatch.setattr(functional, "_FUSED", fused)
+    args = functional.FakeQuantArgs(scale, off, -8, 7, scale_grad=0.5, offset_grad=0.25)
+    out, gx, gs, go = functional.affine_fake_quant_grads(x.detach(), grad, args, value=True, need_x=True)
+    assert torch.equal(out, eager_out) and torch.equal(gx, eager_grads[0])
+    torch.testing.assert_close(gs, eager_grads[1], rtol=1e-5, atol=1e-5)       # exact round(v) - v: sum order only
+    assert (go is None) == (not offset)
+    if offset:
+        torch.testing.assert_close(go, eager_grads[2], rtol=1e-5, atol=1e-5)
+    none, gx2, gs2, _ = functional.affine_fake_quant_grads(x.detach(), grad, args, value=False, need_x=False)
+    assert none is None and gx2 is None and torch.allclose(gs2, gs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(functional.affine_fake_quant_value(x, args), eager_out)
+    frozen = functional.FakeQuantArgs(scale.detach(), None, -8, 7)              # fixed scale: no scale gradient
+    assert functional.affine_fake_quant_grads(x.detach(), grad, frozen, value=False, need_x=True)[2] is None

@@ -7,18 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import QuantModule
-from .recompute import can_recompute, quantizer_parameters, recomputed_matmul
-
-
-def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
-    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result)."""
-    if alpha == 1.0:
-        return a @ b
-    batch = a.shape[:-2]
-    out = torch.baddbmm(a.new_zeros(()), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), beta=0.0,
-                        alpha=alpha)
-    return out.reshape(*batch, *out.shape[-2:])
+from .recompute import can_recompute, quant_matmul, scaled_matmul
 
 
 class QuantAttentionCore(QuantModule):
@@ -33,8 +22,8 @@ class QuantAttentionCore(QuantModule):
     any bias or mask) and ``context`` (``p̂ v̂``): calibration procedures use it to capture operands, outputs and
     (with tensor hooks) output gradients. It must not change the tensors.
 
-    In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` for the backward pass and recomputes
-    the rest there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When the
+    In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` and the softmax output for the backward
+    pass and recomputes the quantized operands there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When the
     config leaves every attention site in floating point (no quantizer; a quantizer merely disabled keeps the explicit
     path, so toggling it does not change the arithmetic) and nothing is tapped or added to the logits, it runs
     PyTorch's fused ``scaled_dot_product_attention`` where timm would (the module's ``fused_attn``; like timm's own
@@ -51,22 +40,39 @@ class QuantAttentionCore(QuantModule):
             self.tap(self, name, x)
         return x
 
-    def attention_logits(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """Scaled logits ``q̂ k̂ᵀ`` ``[B, heads, N, N]`` from quantized queries and keys."""
+    def quantizes_attention(self) -> bool:
+        """Whether any of ``q``, ``k``, ``v``, ``probs`` has a quantizer."""
+        return any(getattr(self, f"{name}_quantizer") is not None for name, _ in self.quant_slots)
+
+    def logit_operands(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q̂, k̂ᵀ)``: the scaled logits are ``logit_factor(scale) · q̂ k̂ᵀ`` ``[B, heads, N, N]``."""
         if not self.scale_after_matmul:
             q = q * scale
         q = self._quant("q", self._tapped("q", q))
         k = self._quant("k", self._tapped("k", k))
-        return self._tapped("logits", scaled_matmul(q, k.transpose(-2, -1), scale if self.scale_after_matmul else 1.0))
+        return q, k.transpose(-2, -1)
 
-    def attention_operands(self, logits: torch.Tensor, v: torch.Tensor,
-                           dropout: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The two factors of the context: ``quant(softmax(logits))`` ``[B, heads, N, N]`` (after ``dropout``) and
-        ``quant(v)`` ``[B, heads, N, head_dim]``."""
-        probs = self._quant("probs", self._tapped("probs", logits.softmax(dim=-1)))
+    def logit_factor(self, scale: float) -> float:
+        """The factor that multiplies ``q̂ k̂ᵀ``: ``scale``, or 1 where the queries were scaled before quantization."""
+        return scale if self.scale_after_matmul else 1.0
+
+    def attention_logits(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """Scaled logits ``q̂ k̂ᵀ`` ``[B, heads, N, N]`` from quantized queries and keys."""
+        return self._tapped("logits", scaled_matmul(*self.logit_operands(q, k, scale), self.logit_factor(scale)))
+
+    def context_operands(self, probs: torch.Tensor, v: torch.Tensor,
+                         dropout: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two factors of the context: ``quant(probs)`` ``[B, heads, N, N]`` (after ``dropout``) and ``quant(v)``
+        ``[B, heads, N, head_dim]``, for the softmax output ``probs``."""
+        probs = self._quant("probs", self._tapped("probs", probs))
         if dropout is not None:
             probs = dropout(probs)
         return probs, self._quant("v", self._tapped("v", v))
+
+    def attention_operands(self, logits: torch.Tensor, v: torch.Tensor,
+                           dropout: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`context_operands` of ``softmax(logits)`` and ``v``."""
+        return self.context_operands(logits.softmax(dim=-1), v, dropout)
 
     def attend(self, logits: torch.Tensor, v: torch.Tensor, dropout: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """``quant(softmax(logits)) · quant(v)`` ``[B, heads, N, head_dim]``."""
@@ -82,13 +88,6 @@ class QuantAttentionCore(QuantModule):
         ``add_to_logits(logits, *logit_terms)``, when given, returns the logits with biases or masks added;
         tensors that need gradients (e.g. a relative position bias) must come in through ``logit_terms``.
         """
-        def operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     *terms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            logits = self.attention_logits(q, k, scale)
-            if add_to_logits is not None:
-                logits = add_to_logits(logits, *terms)
-            return self.attention_operands(logits, v, dropout)
-
         quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
         if self.tap is None and add_to_logits is None and getattr(self, "fused_attn", True) \
@@ -96,6 +95,15 @@ class QuantAttentionCore(QuantModule):
             # no attention site is quantized: PyTorch's fused kernel computes the same
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.p if dropping else 0.0, scale=scale)
         if self.tap is None and not dropping and can_recompute(self, quantizers):
-            return recomputed_matmul(operands, (q, k, v, *logit_terms), quantizer_parameters(quantizers))
-        probs, v = operands(q, k, v, *logit_terms)
+            # two products with recomputed quantized factors; the softmax output between them is stored
+            quant = dict(zip((name for name, _ in self.quant_slots), quantizers))
+            logits = quant_matmul(q if self.scale_after_matmul else q * scale, k, quant["q"], quant["k"],
+                                  self.logit_factor(scale), transpose_b=True)
+            if add_to_logits is not None:
+                logits = add_to_logits(logits, *logit_terms)
+            return quant_matmul(logits.softmax(dim=-1), v, quant["probs"], quant["v"])
+        logits = self.attention_logits(q, k, scale)
+        if add_to_logits is not None:
+            logits = add_to_logits(logits, *logit_terms)
+        probs, v = self.attention_operands(logits, v, dropout)
         return self._tapped("context", probs @ v)

@@ -5,13 +5,16 @@ A quantized layer that lets autograd record everything keeps, for one forward pa
 activation memory of the float layer plus a copy of the weights. Attention with quantized operands cannot use a
 fused kernel and keeps ``q̂``, ``k̂``, the softmax output, its quantized copy and ``v̂`` (``[B, heads, N, N]`` twice).
 
-Here the forward pass runs under ``no_grad`` and keeps only the float inputs; the backward pass re-runs the
-quantizers on them (with gradients) and back-propagates through the recomputed piece with
-``torch.autograd.grad``. The gradients are the same as without recomputation (up to float rounding: the same
-kernels run in the same order). Quantizer parameters are inputs of the autograd function, so their gradients
-arrive through the ordinary graph (gradient hooks, gradient accumulation and distributed reducers see them as
-usual). Neither linear layers nor attention recompute their output's matrix product; attention recomputes the
-logits ``q̂ k̂ᵀ`` (and the softmax) from the stored ``q``, ``k``.
+Here the forward pass runs under ``no_grad`` and keeps only the float factors of each matrix product (a linear
+layer's input and weight; attention's ``q``, ``k`` and its softmax output ``p``, which the softmax keeps for its own
+backward pass anyway, and ``v``); the backward pass quantizes them again and back-propagates through the
+quantizers. For affine quantizers (LSQ, LSQ+, uniform; see :meth:`Quantizer.fake_quant_args`) without hooks, it
+computes their gradients directly from the float factor and the product's gradient, one compiled pass that also
+forms the quantized value where the product's other gradient needs it; other quantizers are re-run with a graph
+and back-propagated with ``torch.autograd.grad``. The gradients are those of the plain path (up to float
+rounding). Quantizer parameters are inputs of the autograd function, so their gradients arrive through the
+ordinary graph (gradient hooks, gradient accumulation and distributed reducers see them as usual). No matrix
+product is recomputed.
 
 Recomputation is used only when re-running the quantizers is free of side effects (see :func:`can_recompute`);
 otherwise the layer records its graph as usual. ``QVIT_RECOMPUTE=0`` or :func:`use_recompute` turns it off.
@@ -20,13 +23,16 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..quantizers.functional import fused_without_grad
+from ..quantizers.functional import (FakeQuantArgs, affine_fake_quant_grads, affine_fake_quant_value,
+                                     fused_without_grad)
 
 _ENABLED: Optional[bool] = None
 
@@ -122,78 +128,160 @@ def _grads(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]
     return result
 
 
-class _RecomputedQuantLinear(torch.autograd.Function):
-    """``F.linear(input_quantizer(x), weight_quantizer(W), b)`` keeping ``x`` and ``W`` instead of ``x̂`` and ``Ŵ``."""
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
+    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result)."""
+    if alpha == 1.0:
+        return a @ b
+    batch = a.shape[:-2]
+    out = torch.baddbmm(a.new_zeros(()), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), beta=0.0,
+                        alpha=alpha)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+@lru_cache(maxsize=None)
+def _affine_class(cls: type) -> bool:
+    """Whether ``cls.fake_quant`` is ``affine_fake_quant(x, *cls.fake_quant_args(x))``: the class that defines
+    ``fake_quant_args`` is the one that defines ``fake_quant`` or a subclass of it."""
+    def owner(name: str) -> type:
+        return next(c for c in cls.__mro__ if name in c.__dict__)
+    return issubclass(owner("fake_quant_args"), owner("fake_quant"))
+
+
+def _direct_args(q: nn.Module, x: torch.Tensor) -> Optional[FakeQuantArgs]:
+    """``q``'s :class:`FakeQuantArgs` for ``x`` when its gradients may be computed without its graph: an affine
+    quantizer without hooks (a hook may change the output)."""
+    if q._forward_hooks or q._forward_pre_hooks or q._backward_hooks or getattr(q, "_backward_pre_hooks", None):
+        return None
+    if _global_forward_hooks or _global_forward_pre_hooks or not _affine_class(type(q)):
+        return None
+    return q.fake_quant_args(x)
+
+
+class _Factor:
+    """One factor of a recomputed product in the backward pass: its quantized value and the gradients through its
+    quantizer (computed directly for affine quantizers, by autograd through the quantizer otherwise)."""
+
+    def __init__(self, quantizer: Optional[nn.Module], t: torch.Tensor, needs_grad: bool) -> None:
+        self.quantizer = quantizer if quantizer is not None and getattr(quantizer, "enabled", True) else None
+        self.t, self.needs_grad = t, needs_grad
+        self.args = None if self.quantizer is None else _direct_args(self.quantizer, t)
+        self.leaf: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+        self.grad: Optional[torch.Tensor] = None     # of ``t``, when computed directly
+        #: (tensor, gradient) pairs left to autograd: the quantizer's graph, or its scale/offset views
+        self.pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def wants_grad(self) -> bool:
+        """Whether the gradient of the quantized value is needed (for ``t`` or the quantizer's parameters)."""
+        if self.needs_grad:
+            return True
+        if self.args is not None:
+            return self.args.scale.requires_grad or (self.args.offset is not None and self.args.offset.requires_grad)
+        return self.quantizer is not None and any(p.requires_grad for p in self.quantizer.parameters())
+
+    def compute_value(self) -> torch.Tensor:
+        """The quantized value, without its gradient."""
+        if self.quantizer is None:
+            self.value = self.t
+        elif self.args is not None:
+            self.value = affine_fake_quant_value(self.t, self.args)
+        else:
+            self.leaf = _leaf(self.t, self.needs_grad)
+            self.value = self.quantizer(self.leaf)
+        return self.value
+
+    def back_propagate(self, grad_value: Optional[torch.Tensor], value: bool = False) -> None:
+        """Take the gradient of the quantized value; with ``value=True`` form the value in the same pass."""
+        if grad_value is None:
+            if value:
+                self.compute_value()
+            return
+        grad_value = grad_value.to(self.t.dtype)
+        if self.quantizer is None:
+            self.value = self.t if value else self.value
+            self.grad = grad_value if self.needs_grad else None
+        elif self.args is not None:
+            out, self.grad, grad_scale, grad_offset = affine_fake_quant_grads(
+                self.t, grad_value, self.args, value=value, need_x=self.needs_grad)
+            if value:
+                self.value = out
+            if grad_scale is not None:
+                self.pairs.append((self.args.scale, grad_scale))
+            if grad_offset is not None:
+                self.pairs.append((self.args.offset, grad_offset))
+        else:
+            if value:
+                self.compute_value()
+            if self.value.requires_grad:
+                self.pairs.append((self.value, grad_value))
+
+
+class _QuantProduct(torch.autograd.Function):
+    """``alpha · quant_a(a) @ quant_b(b)`` (or ``@ quant_b(b)ᵀ``; for a 2-d ``b`` with ``transpose_b`` the linear
+    layer ``F.linear(quant_a(a), quant_b(b), bias)``), keeping ``a`` and ``b`` instead of the quantized factors.
+
+    The backward pass forms ``quant_b(b)``, the gradient of ``quant_a(a)`` and, in the same pass over ``a``,
+    ``quant_a(a)`` with its gradients, then the gradient of ``quant_b(b)`` and its gradients."""
 
     @staticmethod
-    def forward(ctx, module, x, weight, bias, *params):
+    def forward(ctx, qa, qb, alpha, transpose_b, a, b, bias, *params):
         with torch.no_grad(), fused_without_grad():
-            y = F.linear(module._quant("input", x), module._quant("weight", weight), bias)
-        ctx.module, ctx.bias_dtype = module, None if bias is None else bias.dtype
-        ctx.amp = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, weight, *params)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, *params = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        with torch.enable_grad(), _autocast(ctx.amp):
-            x_leaf, w_leaf = _leaf(x, need[1]), _leaf(weight, need[2])
-            xq = ctx.module._quant("input", x_leaf)
-            wq = ctx.module._quant("weight", w_leaf)
-            grad2 = grad.reshape(-1, grad.shape[-1])
-            grad_xq = grad @ wq.detach().to(grad.dtype) if xq.requires_grad else None
-            grad_wq = (grad2.t() @ xq.detach().reshape(-1, xq.shape[-1]).to(grad.dtype)) if wq.requires_grad else None
-            grad_x, grad_w, *grad_params = _grads((xq, wq), (grad_xq, grad_wq), (x_leaf, w_leaf, *params))
-        grad_b = grad2.sum(0).to(ctx.bias_dtype) if need[3] else None
-        return (None, grad_x, grad_w, grad_b, *grad_params)
-
-
-def quant_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``QuantLinear``'s training forward ``[..., in] -> [..., out]`` with quantized operands recomputed in backward."""
-    params = quantizer_parameters((module.input_quantizer, module.weight_quantizer))
-    return _RecomputedQuantLinear.apply(module, x, module.weight, module.bias, *params)
-
-
-class _RecomputedMatmul(torch.autograd.Function):
-    """``a @ b`` with ``(a, b) = fn(*inputs)`` evaluated without a graph; the backward pass re-runs ``fn`` with one,
-    forms ``grad_a``, ``grad_b`` from the output gradient and back-propagates (the product is not recomputed)."""
-
-    @staticmethod
-    def forward(ctx, fn, num_inputs, *tensors):
-        inputs = tensors[:num_inputs]
-        with torch.no_grad(), fused_without_grad():
-            a, b = fn(*inputs)
-            out = a @ b
-        ctx.fn, ctx.num_inputs = fn, num_inputs
-        device = next(t.device for t in tensors if t is not None)
-        ctx.amp = _autocast_state(device.type)
-        ctx.save_for_backward(*tensors)
+            a_hat = a if qa is None else qa(a)
+            b_hat = b if qb is None else qb(b)
+            if b.dim() == 2 and transpose_b:
+                out = F.linear(a_hat, b_hat, bias)
+                if alpha != 1.0:
+                    raise ValueError("a linear product takes no factor")
+            else:
+                out = scaled_matmul(a_hat, b_hat.transpose(-2, -1) if transpose_b else b_hat, alpha)
+        ctx.qa, ctx.qb, ctx.alpha, ctx.transpose_b = qa, qb, alpha, transpose_b
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.amp = _autocast_state(a.device.type)
+        ctx.save_for_backward(a, b, *params)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
-        n = ctx.num_inputs
+        a, b, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        alpha, linear = ctx.alpha, b.dim() == 2 and ctx.transpose_b
+        grad = grad.contiguous()      # often a transposed view; the products below would copy it
         with torch.enable_grad(), _autocast(ctx.amp):
-            leaves = [_leaf(t, need[i]) for i, t in enumerate(tensors[:n])]
-            params = list(tensors[n:])
-            a, b = ctx.fn(*leaves)
-            grad = grad.contiguous()      # often a transposed view; both products below would copy it
-            grad_a = grad @ b.detach().transpose(-2, -1) if a.requires_grad else None
-            grad_b = a.detach().transpose(-2, -1) @ grad if b.requires_grad else None
-            grads = _grads((a, b), (grad_a, grad_b), (*leaves, *params))
-        return (None, None, *grads)
+            fa, fb = _Factor(ctx.qa, a, need[4]), _Factor(ctx.qb, b, need[5])
+            b_hat = fb.compute_value().detach().to(grad.dtype)
+            grad_a_hat = None
+            if fa.wants_grad():            # d/d â of alpha · â @ b̂ (or b̂ᵀ)
+                grad_a_hat = scaled_matmul(grad, b_hat if ctx.transpose_b else b_hat.transpose(-2, -1), alpha)
+            fa.back_propagate(grad_a_hat, value=True)
+            grad_b_hat = None
+            if fb.wants_grad():
+                a_hat = fa.value.detach().to(grad.dtype)
+                if linear:
+                    grad_b_hat = grad.reshape(-1, grad.shape[-1]).t() @ a_hat.reshape(-1, a_hat.shape[-1])
+                elif ctx.transpose_b:
+                    grad_b_hat = scaled_matmul(grad.transpose(-2, -1), a_hat, alpha)
+                else:
+                    grad_b_hat = scaled_matmul(a_hat.transpose(-2, -1), grad, alpha)
+            fb.back_propagate(grad_b_hat)
+            pairs = fa.pairs + fb.pairs
+            grads = _grads([t for t, _ in pairs], [g for _, g in pairs], (fa.leaf, fb.leaf, *params))
+        grad_a = fa.grad if fa.grad is not None else grads[0]
+        grad_b = fb.grad if fb.grad is not None else grads[1]
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need[6] else None
+        return (None, None, None, None, grad_a if need[4] else None, grad_b if need[5] else None, grad_bias,
+                *grads[2:])
 
 
-def recomputed_matmul(fn: Callable[..., Tuple[torch.Tensor, torch.Tensor]], inputs: Sequence[Optional[torch.Tensor]],
-                      params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``a @ b`` with ``(a, b) = fn(*inputs)``, storing only ``inputs`` and ``params`` for the backward pass, which
-    recomputes ``a`` and ``b`` (not their product).
+def quant_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``QuantLinear``'s training forward ``[..., in] -> [..., out]`` with quantized operands recomputed in backward."""
+    qa, qb = module.input_quantizer, module.weight_quantizer
+    return _QuantProduct.apply(qa, qb, 1.0, True, x, module.weight, module.bias, *quantizer_parameters((qa, qb)))
 
-    ``fn`` must be deterministic and depend on trainable tensors only through ``inputs`` and ``params`` (the
-    parameters it reads, e.g. its quantizers'); ``None`` inputs are passed through.
-    """
-    return _RecomputedMatmul.apply(fn, len(inputs), *inputs, *params)
+
+def quant_matmul(a: torch.Tensor, b: torch.Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
+                 alpha: float = 1.0, transpose_b: bool = False) -> torch.Tensor:
+    """``alpha · qa(a) @ qb(b)`` (``qb(b)ᵀ`` with ``transpose_b``) for ``[..., n, k]``/``[..., k, m]`` factors with
+    equal batch dimensions, storing only ``a`` and ``b`` for the backward pass, which recomputes the quantized
+    factors (not their product). ``None`` quantizers leave a factor in float."""
+    return _QuantProduct.apply(qa, qb, float(alpha), transpose_b, a, b, None, *quantizer_parameters((qa, qb)))

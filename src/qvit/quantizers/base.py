@@ -254,6 +254,12 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """Quantize-dequantize ``x`` with the family's gradient."""
         ...
 
+    def fake_quant_args(self, x: torch.Tensor) -> Optional["FakeQuantArgs"]:
+        """The :class:`~qvit.quantizers.functional.FakeQuantArgs` when :meth:`fake_quant` is exactly
+        ``affine_fake_quant(x, *args)`` (training code may then compute its gradients directly); ``None`` for other
+        grids. A subclass that changes :meth:`fake_quant` must override this too."""
+        return None
+
     @abstractmethod
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (``int32``, within :meth:`code_range`)."""

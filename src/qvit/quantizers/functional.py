@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,16 +53,27 @@ class _AffineFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, offset, qmin, qmax = ctx.saved_tensors
         v = (x - offset) / scale if ctx.has_offset else x / scale
-        inside = (v > qmin) & (v < qmax)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_scale_ = grad_offset = None
-        if ctx.needs_input_grad[1]:
-            q = torch.clamp(torch.round(v), qmin, qmax)
-            local = torch.where(inside, q - v, q)
-            grad_scale_ = _sum_to(grad * local, scale.shape) * ctx.scale_grad
-        if ctx.has_offset and ctx.needs_input_grad[2]:
-            grad_offset = _sum_to(grad * (~inside), offset.shape) * ctx.offset_grad
+        q = torch.clamp(torch.round(v), qmin, qmax)
+        need_offset = ctx.has_offset and ctx.needs_input_grad[2]
+        grad_x, grad_scale_, grad_offset = _affine_grads(
+            grad, v, q, qmin, qmax, scale.shape, offset.shape if need_offset else None,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_offset)
+        if grad_scale_ is not None:
+            grad_scale_ = grad_scale_ * ctx.scale_grad
+        if grad_offset is not None:
+            grad_offset = grad_offset * ctx.offset_grad
         return grad_x, grad_scale_, grad_offset, None, None, None, None
+
+
+def _affine_grads(grad, v, q, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
+                  offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool):
+    """Input, scale and offset gradients of fake quantization (before LSQ's gradient factors) from the output
+    gradient ``grad``, ``v = (x - offset) / scale`` and ``q = clamp(round(v), qmin, qmax)``."""
+    inside = (v > qmin) & (v < qmax)
+    grad_x = torch.where(inside, grad, 0.0) if need_x else None
+    grad_scale = _sum_to(grad * torch.where(inside, q - v, q), scale_shape) if need_scale else None
+    grad_offset = _sum_to(torch.where(inside, 0.0, grad), offset_shape) if need_offset else None
+    return grad_x, grad_scale, grad_offset
 
 
 #: ``r`` codes of the fused kernels for elements outside the range (inside, ``|r| <= 0.5``)
@@ -95,6 +107,25 @@ def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
 def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound):
     """``x̂`` alone: the value ``_fused_forward`` returns, for passes that need no gradient."""
     return _fake_quant_terms(x, scale, offset, qmin, qmax)[2]
+
+
+def _fused_value_and_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
+                           offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool):
+    """``(x̂, grad_x, grad_scale, grad_offset)`` from ``x`` and the output gradient ``grad`` in one pass."""
+    v, q, out = _fake_quant_terms(x, scale, offset, qmin, qmax)
+    grad_x, grad_scale, grad_offset = _affine_grads(grad, v, q, qmin, qmax, scale_shape, offset_shape, need_x,
+                                                    need_scale, need_offset)
+    return out, None if grad_x is None else _dense(grad_x, x), grad_scale, grad_offset
+
+
+def _fused_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
+                 offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool):
+    """``(grad_x, grad_scale, grad_offset)`` from ``x`` and the output gradient ``grad`` (``x̂`` not formed)."""
+    v = (x - offset) / scale if offset is not None else x / scale
+    q = torch.clamp(torch.round(v), qmin, qmax)
+    grad_x, grad_scale, grad_offset = _affine_grads(grad, v, q, qmin, qmax, scale_shape, offset_shape, need_x,
+                                                    need_scale, need_offset)
+    return None if grad_x is None else _dense(grad_x, x), grad_scale, grad_offset
 
 
 def _fused_backward(grad, r, scale_shape: Sequence[int], offset_shape: Optional[Sequence[int]], qmin: Bound,
@@ -161,7 +192,7 @@ _COMPILED: dict = {}
 
 
 def _run(kernel, *args):
-    """Run ``kernel`` (``_fused_forward`` or ``_fused_backward``), compiled while :func:`fused_kernels_enabled`.
+    """Run ``kernel`` (one of the ``_fused_*`` functions), compiled while :func:`fused_kernels_enabled`.
 
     If compiling fails (no working C++ toolchain, say) the kernels are turned off for the process with a warning
     and the same function runs eagerly."""
@@ -238,6 +269,55 @@ def affine_fake_quant(x: torch.Tensor, scale: torch.Tensor, offset: Optional[tor
     if fused_kernels_enabled() and not torch.compiler.is_compiling():
         return _FusedAffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)
     return _AffineFakeQuant.apply(x, scale, offset, qmin, qmax, scale_grad, offset_grad)
+
+
+@dataclass
+class FakeQuantArgs:
+    """The arguments of :func:`affine_fake_quant` for one input ``x``: ``scale`` and ``offset`` broadcast against it
+    (and may be views of trainable parameters), ``scale_grad``/``offset_grad`` are LSQ's gradient factors."""
+
+    scale: torch.Tensor
+    offset: Optional[torch.Tensor]
+    qmin: Bound
+    qmax: Bound
+    scale_grad: Union[float, torch.Tensor] = 1.0
+    offset_grad: Union[float, torch.Tensor] = 1.0
+
+    def __iter__(self):
+        return iter((self.scale, self.offset, self.qmin, self.qmax, self.scale_grad, self.offset_grad))
+
+
+def affine_fake_quant_value(x: torch.Tensor, args: FakeQuantArgs) -> torch.Tensor:
+    """``affine_fake_quant(x, *args)`` without a graph (the compiled kernel while :func:`fused_kernels_enabled`)."""
+    with torch.no_grad():
+        return _run(_fused_fake_quant, x, args.scale, args.offset, _bound_tensor(args.qmin, x),
+                    _bound_tensor(args.qmax, x))
+
+
+def affine_fake_quant_grads(x: torch.Tensor, grad: torch.Tensor, args: FakeQuantArgs, *, value: bool,
+                            need_x: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``affine_fake_quant(x, *args)`` for the output gradient ``grad`` (same shape as ``x``),
+    computed from ``x`` in one pass and without a graph: ``(x̂, grad_x, grad_scale, grad_offset)``.
+
+    ``x̂`` is formed only with ``value=True`` and ``grad_x`` only with ``need_x``; ``grad_scale``/``grad_offset``
+    (shaped like ``args.scale``/``args.offset``, LSQ's factors applied) only where those require gradients. Equal
+    to back-propagating through :func:`affine_fake_quant`, with ``round(v) - v`` exact rather than in float16.
+    """
+    need_scale = args.scale.requires_grad
+    need_offset = args.offset is not None and args.offset.requires_grad
+    with torch.no_grad():
+        qmin, qmax = _bound_tensor(args.qmin, x), _bound_tensor(args.qmax, x)
+        rest = (args.scale, args.offset, qmin, qmax, tuple(args.scale.shape),
+                None if args.offset is None else tuple(args.offset.shape), need_x, need_scale, need_offset)
+        if value:
+            out, grad_x, grad_scale, grad_offset = _run(_fused_value_and_grads, x, grad, *rest)
+        else:
+            out, (grad_x, grad_scale, grad_offset) = None, _run(_fused_grads, x, grad, *rest)
+        if grad_scale is not None:
+            grad_scale = grad_scale * args.scale_grad
+        if grad_offset is not None:
+            grad_offset = grad_offset * args.offset_grad
+    return out, grad_x, grad_scale, grad_offset
 
 
 class _StraightThrough(torch.autograd.Function):

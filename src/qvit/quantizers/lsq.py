@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ._registry import register_quantizer
-from .functional import affine_fake_quant
+from .functional import FakeQuantArgs, affine_fake_quant
 from .base import MIN_SCALE, set_tensor
 from .uniform import UniformQuantizer
 
@@ -72,10 +72,9 @@ class LSQQuantizer(UniformQuantizer):
         l1 = x.detach().abs().sum() / self.scale.numel()
         return torch.rsqrt(l1 * qmax)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant_args(self, x: torch.Tensor) -> FakeQuantArgs:
         qmin, qmax = self.code_range()
-        scale = self.expand(self.scale, x)
-        return affine_fake_quant(x, scale, None, qmin, qmax, scale_grad=self.grad_factor(x))
+        return FakeQuantArgs(self.expand(self.scale, x), None, qmin, qmax, scale_grad=self.grad_factor(x))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
@@ -126,11 +125,11 @@ class LSQPlusQuantizer(LSQQuantizer):
         scale, offset = self._range_to_scale_offset(lo, hi)
         return (affine_fake_quant(cols, scale, offset, qmin, qmax) - cols).pow(2).mean(0)
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant_args(self, x: torch.Tensor) -> FakeQuantArgs:
         qmin, qmax = self.code_range()
         g = self.grad_factor(x)
-        return affine_fake_quant(x, self.expand(self.scale, x), self.expand(self.offset, x), qmin, qmax,
-                                 scale_grad=g, offset_grad=g)
+        return FakeQuantArgs(self.expand(self.scale, x), self.expand(self.offset, x), qmin, qmax, scale_grad=g,
+                             offset_grad=g)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()

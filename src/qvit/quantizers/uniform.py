@@ -7,7 +7,7 @@ import torch
 
 from ._registry import register_quantizer
 from .base import MIN_SCALE, Quantizer, set_tensor
-from .functional import affine_fake_quant
+from .functional import FakeQuantArgs, affine_fake_quant
 from .ranges import select_by_error
 
 
@@ -77,12 +77,15 @@ class UniformQuantizer(Quantizer):
 
     # forward / codes -------------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        return affine_fake_quant(x, *self.fake_quant_args(x))
+
+    def fake_quant_args(self, x: torch.Tensor) -> FakeQuantArgs:
         qmin, qmax = self.code_range()
         scale = self.expand(self.scale, x)
         if self.symmetric:
-            return affine_fake_quant(x, scale, None, qmin, qmax)
+            return FakeQuantArgs(scale, None, qmin, qmax)
         zero = self.expand(self.zero_point, x)
-        return affine_fake_quant(x, scale, None, qmin - zero, qmax - zero)
+        return FakeQuantArgs(scale, None, qmin - zero, qmax - zero)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.equal(self.zero_point, torch.round(self.zero_point)):

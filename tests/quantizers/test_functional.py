@@ -136,5 +136,8 @@ def test_direct_gradients_equal_back_propagation_through_the_eager_kernel(fused,
     none, gx2, gs2, _ = functional.affine_fake_quant_grads(x.detach(), grad, args, value=False, need_x=False)
     assert none is None and gx2 is None and torch.allclose(gs2, gs, rtol=1e-5, atol=1e-5)
     assert torch.equal(functional.affine_fake_quant_value(x, args), eager_out)
+    strided = x.detach().transpose(0, -1).contiguous().transpose(0, -1)            # same values, other strides
+    s_out, s_gx, s_gs, _ = functional.affine_fake_quant_grads(strided, grad, args, value=True, need_x=True)
+    assert torch.equal(s_out, out) and torch.equal(s_gx, gx) and torch.allclose(s_gs, gs, rtol=1e-5, atol=1e-5)
     frozen = functional.FakeQuantArgs(scale.detach(), None, -8, 7)              # fixed scale: no scale gradient
     assert functional.affine_fake_quant_grads(x.detach(), grad, frozen, value=False, need_x=True)[2] is None

@@ -141,3 +141,27 @@ def test_direct_gradients_equal_back_propagation_through_the_eager_kernel(fused,
     assert torch.equal(s_out, out) and torch.equal(s_gx, gx) and torch.allclose(s_gs, gs, rtol=1e-5, atol=1e-5)
     frozen = functional.FakeQuantArgs(scale.detach(), None, -8, 7)              # fixed scale: no scale gradient
     assert functional.affine_fake_quant_grads(x.detach(), grad, frozen, value=False, need_x=True)[2] is None
+
+
+@pytest.mark.parametrize("name", sorted(functional.PROLOGUES))
+def test_a_prologue_gives_the_gradients_of_quantizing_its_output(name, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    h = (2 * torch.randn(8, 30, generator=gen)).requires_grad_()
+    scale = torch.tensor(0.3, requires_grad=True)
+    off = torch.tensor(-0.2, requires_grad=True)
+    grad = torch.randn(8, 30, generator=gen)
+    monkeypatch.setattr(functional, "_FUSED", False)
+    f = functional.prologue_function(name)
+    ref = functional.affine_fake_quant(f(h), scale, off, 0, 7, scale_grad=0.5, offset_grad=0.25)
+    ref.backward(grad)
+    args = functional.FakeQuantArgs(scale, off, 0, 7, scale_grad=0.5, offset_grad=0.25)
+    for fused in (False, True):
+        monkeypatch.setattr(functional, "_FUSED", fused)
+        out, gh, gs, go = functional.affine_fake_quant_grads(h.detach(), grad, args, value=True, need_x=True,
+                                                             prologue=name)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gh, h.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs, scale.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(go, off.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(functional.affine_fake_quant_value(h, args, name), ref.detach(),
+                                   rtol=1e-6, atol=1e-6)

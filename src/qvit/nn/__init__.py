@@ -5,4 +5,5 @@ from .quant_linear import QuantLinear
 from .quant_conv import QuantConv2d
 from .quant_attention import QuantAttention
 from .quant_window_attention import QuantWindowAttention
+from .quant_mlp import QuantMlp
 from .weight_site import WeightSite

@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..quantizers.functional import (FakeQuantArgs, affine_fake_quant_grads, affine_fake_quant_value,
-                                     fused_without_grad)
+from ..quantizers.functional import (PROLOGUES, FakeQuantArgs, affine_fake_quant_grads, affine_fake_quant_value,
+                                     fused_without_grad, prologue_function)
 
 _ENABLED: Optional[bool] = None
 
@@ -162,9 +162,10 @@ class _Factor:
     """One factor of a recomputed product in the backward pass: its quantized value and the gradients through its
     quantizer (computed directly for affine quantizers, by autograd through the quantizer otherwise)."""
 
-    def __init__(self, quantizer: Optional[nn.Module], t: torch.Tensor, needs_grad: bool) -> None:
+    def __init__(self, quantizer: Optional[nn.Module], t: torch.Tensor, needs_grad: bool,
+                 prologue: Optional[str] = None) -> None:
         self.quantizer = quantizer if quantizer is not None and getattr(quantizer, "enabled", True) else None
-        self.t, self.needs_grad = t, needs_grad
+        self.t, self.needs_grad, self.prologue = t, needs_grad, prologue
         self.args = None if self.quantizer is None else _direct_args(self.quantizer, t)
         self.leaf: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
@@ -183,12 +184,13 @@ class _Factor:
     def compute_value(self) -> torch.Tensor:
         """The quantized value, without its gradient."""
         if self.quantizer is None:
-            self.value = self.t
+            with torch.no_grad():
+                self.value = prologue_function(self.prologue)(self.t)
         elif self.args is not None:
-            self.value = affine_fake_quant_value(self.t, self.args)
+            self.value = affine_fake_quant_value(self.t, self.args, self.prologue)
         else:
             self.leaf = _leaf(self.t, self.needs_grad)
-            self.value = self.quantizer(self.leaf)
+            self.value = self.quantizer(prologue_function(self.prologue)(self.leaf))
         return self.value
 
     def back_propagate(self, grad_value: Optional[torch.Tensor], value: bool = False) -> None:
@@ -198,12 +200,16 @@ class _Factor:
                 self.compute_value()
             return
         grad_value = grad_value.to(self.t.dtype)
-        if self.quantizer is None:
+        if self.quantizer is None and self.prologue is None:
             self.value = self.t if value else self.value
             self.grad = grad_value if self.needs_grad else None
+        elif self.quantizer is None:
+            if value:
+                self.compute_value()
+            self.grad = PROLOGUES[self.prologue][1](grad_value, self.t) if self.needs_grad else None
         elif self.args is not None:
             out, self.grad, grad_scale, grad_offset = affine_fake_quant_grads(
-                self.t, grad_value, self.args, value=value, need_x=self.needs_grad)
+                self.t, grad_value, self.args, value=value, need_x=self.needs_grad, prologue=self.prologue)
             if value:
                 self.value = out
             if grad_scale is not None:
@@ -218,24 +224,25 @@ class _Factor:
 
 
 class _QuantProduct(torch.autograd.Function):
-    """``alpha · quant_a(a) @ quant_b(b)`` (or ``@ quant_b(b)ᵀ``; for a 2-d ``b`` with ``transpose_b`` the linear
-    layer ``F.linear(quant_a(a), quant_b(b), bias)``), keeping ``a`` and ``b`` instead of the quantized factors.
+    """``alpha · quant_a(f(a)) @ quant_b(b)`` (or ``@ quant_b(b)ᵀ``; for a 2-d ``b`` with ``transpose_b`` the linear
+    layer ``F.linear(quant_a(f(a)), quant_b(b), bias)``), keeping ``a`` and ``b`` instead of the quantized factors;
+    ``f`` is the elementwise ``prologue`` (e.g. the activation before an MLP's second layer) or the identity.
 
-    The backward pass forms ``quant_b(b)``, the gradient of ``quant_a(a)`` and, in the same pass over ``a``,
-    ``quant_a(a)`` with its gradients, then the gradient of ``quant_b(b)`` and its gradients."""
+    The backward pass forms ``quant_b(b)``, the gradient of ``quant_a(f(a))`` and, in the same pass over ``a``,
+    ``quant_a(f(a))`` with its gradients, then the gradient of ``quant_b(b)`` and its gradients."""
 
     @staticmethod
-    def forward(ctx, qa, qb, alpha, transpose_b, a, b, bias, *params):
-        with torch.no_grad(), fused_without_grad():
-            a_hat = a if qa is None else qa(a)
-            b_hat = b if qb is None else qb(b)
+    def forward(ctx, qa, qb, alpha, transpose_b, prologue, a, b, bias, *params):
+        with torch.no_grad(), fused_without_grad():    # the kernels the backward pass runs, for the same values
+            a_hat = _Factor(qa, a, False, prologue).compute_value()
+            b_hat = _Factor(qb, b, False).compute_value()
             if b.dim() == 2 and transpose_b:
                 out = F.linear(a_hat, b_hat, bias)
                 if alpha != 1.0:
                     raise ValueError("a linear product takes no factor")
             else:
                 out = scaled_matmul(a_hat, b_hat.transpose(-2, -1) if transpose_b else b_hat, alpha)
-        ctx.qa, ctx.qb, ctx.alpha, ctx.transpose_b = qa, qb, alpha, transpose_b
+        ctx.qa, ctx.qb, ctx.alpha, ctx.transpose_b, ctx.prologue = qa, qb, alpha, transpose_b, prologue
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.amp = _autocast_state(a.device.type)
         ctx.save_for_backward(a, b, *params)
@@ -248,7 +255,7 @@ class _QuantProduct(torch.autograd.Function):
         alpha, linear = ctx.alpha, b.dim() == 2 and ctx.transpose_b
         grad = grad.contiguous()      # often a transposed view; the products below would copy it
         with torch.enable_grad(), _autocast(ctx.amp):
-            fa, fb = _Factor(ctx.qa, a, need[4]), _Factor(ctx.qb, b, need[5])
+            fa, fb = _Factor(ctx.qa, a, need[5], ctx.prologue), _Factor(ctx.qb, b, need[6])
             b_hat = fb.compute_value().detach().to(grad.dtype)
             grad_a_hat = None
             if fa.wants_grad():            # d/d â of alpha · â @ b̂ (or b̂ᵀ)
@@ -268,15 +275,17 @@ class _QuantProduct(torch.autograd.Function):
             grads = _grads([t for t, _ in pairs], [g for _, g in pairs], (fa.leaf, fb.leaf, *params))
         grad_a = fa.grad if fa.grad is not None else grads[0]
         grad_b = fb.grad if fb.grad is not None else grads[1]
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need[6] else None
-        return (None, None, None, None, grad_a if need[4] else None, grad_b if need[5] else None, grad_bias,
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if need[7] else None
+        return (None, None, None, None, None, grad_a if need[5] else None, grad_b if need[6] else None, grad_bias,
                 *grads[2:])
 
 
-def quant_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``QuantLinear``'s training forward ``[..., in] -> [..., out]`` with quantized operands recomputed in backward."""
+def quant_linear(module: nn.Module, x: torch.Tensor, prologue: Optional[str] = None) -> torch.Tensor:
+    """``QuantLinear``'s training forward ``[..., in] -> [..., out]`` with quantized operands recomputed in backward;
+    with a ``prologue`` (a name in :data:`~qvit.quantizers.functional.PROLOGUES`) the layer's input is ``f(x)``."""
     qa, qb = module.input_quantizer, module.weight_quantizer
-    return _QuantProduct.apply(qa, qb, 1.0, True, x, module.weight, module.bias, *quantizer_parameters((qa, qb)))
+    return _QuantProduct.apply(qa, qb, 1.0, True, prologue, x, module.weight, module.bias,
+                               *quantizer_parameters((qa, qb)))
 
 
 def quant_matmul(a: torch.Tensor, b: torch.Tensor, qa: Optional[nn.Module], qb: Optional[nn.Module],
@@ -284,4 +293,4 @@ def quant_matmul(a: torch.Tensor, b: torch.Tensor, qa: Optional[nn.Module], qb: 
     """``alpha · qa(a) @ qb(b)`` (``qb(b)ᵀ`` with ``transpose_b``) for ``[..., n, k]``/``[..., k, m]`` factors with
     equal batch dimensions, storing only ``a`` and ``b`` for the backward pass, which recomputes the quantized
     factors (not their product). ``None`` quantizers leave a factor in float."""
-    return _QuantProduct.apply(qa, qb, float(alpha), transpose_b, a, b, None, *quantizer_parameters((qa, qb)))
+    return _QuantProduct.apply(qa, qb, float(alpha), transpose_b, None, a, b, None, *quantizer_parameters((qa, qb)))

@@ -88,6 +88,36 @@ def _dense(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _gelu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def _gelu_tanh_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
+def _relu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, grad, 0.0)
+
+
+#: elementwise functions a quantizer's kernels may apply to their input first: name -> (function, gradient),
+#: ``gradient(grad_out, x)`` is ``grad_out · f'(x)``
+PROLOGUES = {
+    "gelu": (torch.nn.functional.gelu, _gelu_grad),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
+    "relu": (torch.relu, _relu_grad),
+}
+
+
+def prologue_function(name: Optional[str]):
+    """The elementwise function registered as ``name`` in :data:`PROLOGUES` (identity for ``None``)."""
+    return (lambda x: x) if name is None else PROLOGUES[name][0]
+
+
 def _fake_quant_terms(x, scale, offset, qmin: Bound, qmax: Bound):
     """``(v, q, x̂)`` with ``v = (x - offset) / scale``, ``q = clamp(round(v))`` and ``x̂ = q * scale + offset``
     (``x̂`` in dense memory, see :func:`_dense`)."""
@@ -104,28 +134,44 @@ def _fused_forward(x, scale, offset, qmin: Bound, qmax: Bound):
     return out, _dense(r.to(torch.float16), x)
 
 
-def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound):
-    """``x̂`` alone: the value ``_fused_forward`` returns, for passes that need no gradient."""
+def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound, prologue: Optional[str] = None):
+    """``x̂`` alone: the value ``_fused_forward`` returns, for passes that need no gradient (of ``f(x)`` with a
+    ``prologue``)."""
+    if prologue is not None:
+        x = PROLOGUES[prologue][0](x)
     return _fake_quant_terms(x, scale, offset, qmin, qmax)[2]
 
 
 def _fused_value_and_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
-                           offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool):
-    """``(x̂, grad_x, grad_scale, grad_offset)`` from ``x`` and the output gradient ``grad`` in one pass."""
+                           offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool,
+                           prologue: Optional[str] = None):
+    """``(x̂, grad_x, grad_scale, grad_offset)`` from ``x`` and the output gradient ``grad`` in one pass; with a
+    ``prologue`` the quantized value is that of ``f(x)`` and ``grad_x`` its gradient through ``f``."""
+    h = x
+    if prologue is not None:
+        x = PROLOGUES[prologue][0](h)
     v, q, out = _fake_quant_terms(x, scale, offset, qmin, qmax)
     grad_x, grad_scale, grad_offset = _affine_grads(grad, v, q, qmin, qmax, scale_shape, offset_shape, need_x,
                                                     need_scale, need_offset)
-    return out, None if grad_x is None else _dense(grad_x, x), grad_scale, grad_offset
+    if grad_x is not None and prologue is not None:
+        grad_x = PROLOGUES[prologue][1](grad_x, h)
+    return out, None if grad_x is None else _dense(grad_x, h), grad_scale, grad_offset
 
 
 def _fused_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
-                 offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool):
+                 offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool,
+                 prologue: Optional[str] = None):
     """``(grad_x, grad_scale, grad_offset)`` from ``x`` and the output gradient ``grad`` (``x̂`` not formed)."""
+    h = x
+    if prologue is not None:
+        x = PROLOGUES[prologue][0](h)
     v = (x - offset) / scale if offset is not None else x / scale
     q = torch.clamp(torch.round(v), qmin, qmax)
     grad_x, grad_scale, grad_offset = _affine_grads(grad, v, q, qmin, qmax, scale_shape, offset_shape, need_x,
                                                     need_scale, need_offset)
-    return None if grad_x is None else _dense(grad_x, x), grad_scale, grad_offset
+    if grad_x is not None and prologue is not None:
+        grad_x = PROLOGUES[prologue][1](grad_x, h)
+    return None if grad_x is None else _dense(grad_x, h), grad_scale, grad_offset
 
 
 def _fused_backward(grad, r, scale_shape: Sequence[int], offset_shape: Optional[Sequence[int]], qmin: Bound,
@@ -287,21 +333,24 @@ class FakeQuantArgs:
         return iter((self.scale, self.offset, self.qmin, self.qmax, self.scale_grad, self.offset_grad))
 
 
-def affine_fake_quant_value(x: torch.Tensor, args: FakeQuantArgs) -> torch.Tensor:
-    """``affine_fake_quant(x, *args)`` without a graph (the compiled kernel while :func:`fused_kernels_enabled`)."""
+def affine_fake_quant_value(x: torch.Tensor, args: FakeQuantArgs, prologue: Optional[str] = None) -> torch.Tensor:
+    """``affine_fake_quant(f(x), *args)`` without a graph (the compiled kernel while :func:`fused_kernels_enabled`);
+    ``f`` is the elementwise function registered as ``prologue`` in :data:`PROLOGUES` (identity for ``None``)."""
     with torch.no_grad():
         return _run(_fused_fake_quant, x, args.scale, args.offset, _bound_tensor(args.qmin, x),
-                    _bound_tensor(args.qmax, x))
+                    _bound_tensor(args.qmax, x), prologue)
 
 
 def affine_fake_quant_grads(x: torch.Tensor, grad: torch.Tensor, args: FakeQuantArgs, *, value: bool,
-                            need_x: bool) -> Tuple[Optional[torch.Tensor], ...]:
-    """The gradients of ``affine_fake_quant(x, *args)`` for the output gradient ``grad`` (same shape as ``x``),
+                            need_x: bool, prologue: Optional[str] = None) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of ``affine_fake_quant(f(x), *args)`` for the output gradient ``grad`` (same shape as ``x``),
     computed from ``x`` in one pass and without a graph: ``(x̂, grad_x, grad_scale, grad_offset)``.
 
+    ``f`` is the elementwise function registered as ``prologue`` in :data:`PROLOGUES` (identity for ``None``).
     ``x̂`` is formed only with ``value=True`` and ``grad_x`` only with ``need_x``; ``grad_scale``/``grad_offset``
     (shaped like ``args.scale``/``args.offset``, LSQ's factors applied) only where those require gradients. Equal
-    to back-propagating through :func:`affine_fake_quant`, with ``round(v) - v`` exact rather than in float16.
+    to back-propagating through ``f`` and :func:`affine_fake_quant`, with ``round(v) - v`` exact rather than in
+    float16.
     """
     need_scale = args.scale.requires_grad
     need_offset = args.offset is not None and args.offset.requires_grad
@@ -311,7 +360,7 @@ def affine_fake_quant_grads(x: torch.Tensor, grad: torch.Tensor, args: FakeQuant
     with torch.no_grad():
         qmin, qmax = _bound_tensor(args.qmin, x), _bound_tensor(args.qmax, x)
         rest = (args.scale, args.offset, qmin, qmax, tuple(args.scale.shape),
-                None if args.offset is None else tuple(args.offset.shape), need_x, need_scale, need_offset)
+                None if args.offset is None else tuple(args.offset.shape), need_x, need_scale, need_offset, prologue)
         if value:
             out, grad_x, grad_scale, grad_offset = _run(_fused_value_and_grads, x, grad, *rest)
         else:

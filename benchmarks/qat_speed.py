@@ -4,6 +4,7 @@
     python benchmarks/qat_speed.py --model test_vit --steps 5 --repeats 1
     python benchmarks/qat_speed.py --repeats 3 --with-unfused-fp   # also float training without fused attention
     python benchmarks/qat_speed.py --repeats 5 --with-linear-only  # also QAT of the linear layers alone
+    python benchmarks/qat_speed.py --repeats 3 --live-peak         # also the peak without allocator pooling
 
 Each configuration trains in a fresh subprocess (peak resident memory is per process), float and quantized
 alternating ``--repeats`` times so both see the same machine state; the ratios use the medians. Quantized attention
@@ -12,13 +13,18 @@ PyTorch's fused attention kernel; ``--with-unfused-fp`` adds float training with
 (``timm.layers.set_fused_attn(False)``), to separate that cost from the cost of fake quantization.
 ``--with-linear-only`` adds QAT with the same recipe but the attention sites (q, k, v, softmax output) in float, so
 that attention keeps the fused kernel: what a wrapper that quantizes only ``nn.Linear`` layers measures. Step time
-excludes the first ``--warmup`` steps. Writes ``benchmarks/results/qat_speed.{md,json}``.
+excludes the first ``--warmup`` steps. The peak resident set depends on how the C allocator pools freed blocks:
+glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its heaps, where they fragment.
+``--live-peak`` repeats each configuration for a few steps with ``MALLOC_MMAP_THRESHOLD_=1048576``, so that every
+block of 1 MiB or more is returned to the system when freed: that peak is close to the bytes actually live (those
+runs are slower and not timed). Writes ``benchmarks/results/qat_speed.{md,json}``.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time float training with explicit (unfused) attention, as quantized attention runs")
     p.add_argument("--with-linear-only", action="store_true",
                    help="also time QAT with the attention sites (q, k, v, softmax output) in float")
+    p.add_argument("--live-peak", action="store_true",
+                   help="also measure each peak with glibc returning every block of 1 MiB or more when freed")
     p.add_argument("--worker", choices=("fp", "fp_unfused", "qat", "qat_linear"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "qat_speed")
     return p.parse_args(argv)
@@ -97,16 +105,24 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 _COLUMNS = (("step_seconds", "{:.3f}"), ("peak_rss_mb", "{:.0f}"), ("saved_mb", "{:.0f}"), ("process_peak_rss_mb", "{:.0f}"))
+_LIVE_COLUMN = ("live_peak_mb", "{:.0f}")
+#: glibc setting of the ``--live-peak`` runs: blocks of 1 MiB or more are mmapped and unmapped when freed
+LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def _columns(m: Dict[str, float]):
+    return _COLUMNS + ((_LIVE_COLUMN,) if _LIVE_COLUMN[0] in m else ())
 
 
 def _cells(m: Dict[str, float]) -> str:
-    """One configuration's medians as table cells: step (s), peak RSS in training, saved for backward, process peak (MB)."""
-    return " | ".join(fmt.format(m[k]) for k, fmt in _COLUMNS)
+    """One configuration's medians as table cells: step (s), peak RSS in training, saved for backward, process peak
+    (MB) and, when measured, the peak without allocator pooling (MB)."""
+    return " | ".join(fmt.format(m[k]) for k, fmt in _columns(m))
 
 
 def _ratio_cells(a: Dict[str, float], b: Dict[str, float]) -> str:
     """The ratios ``a / b`` of every column of :func:`_cells`."""
-    return " | ".join(f"{a[k] / b[k]:.2f}x" for k, _ in _COLUMNS)
+    return " | ".join(f"{a[k] / b[k]:.2f}x" for k, _ in _columns(a))
 
 
 def _reset_peak_rss() -> bool:
@@ -167,19 +183,29 @@ def main(argv=None) -> int:
                 sys.stderr.write(out.stderr)
                 return out.returncode
             runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "repeat": r})
-            print(f"repeat {r} {kind}: {runs[-1]['step_seconds']:.3f} s/step, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
-                  flush=True)
-    med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k)
-               for m in ("step_seconds", "peak_rss_mb", "process_peak_rss_mb", "saved_mb")} for k in kinds}
+            if args.live_peak:
+                live_cmd = base_cmd + ["--worker", kind]
+                live_cmd[live_cmd.index("--steps") + 1] = "3"
+                live = subprocess.run(live_cmd, capture_output=True, text=True, env={**os.environ, **LIVE_PEAK_ENV})
+                if live.returncode:
+                    sys.stderr.write(live.stderr)
+                    return live.returncode
+                runs[-1]["live_peak_mb"] = json.loads(live.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            print(f"repeat {r} {kind}: {runs[-1]['step_seconds']:.3f} s/step, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB"
+                  + (f", without pooling {runs[-1]['live_peak_mb']:.0f} MB" if args.live_peak else ""), flush=True)
+    metrics = ("step_seconds", "peak_rss_mb", "process_peak_rss_mb", "saved_mb") + (("live_peak_mb",) if args.live_peak else ())
+    med = {k: {m: statistics.median(r[m] for r in runs if r["kind"] == k) for m in metrics} for k in kinds}
     time_ratio = med["qat"]["step_seconds"] / med["fp"]["step_seconds"]
     mem_ratio = med["qat"]["peak_rss_mb"] / med["fp"]["peak_rss_mb"]
     saved_ratio = med["qat"]["saved_mb"] / med["fp"]["saved_mb"]
     process_ratio = med["qat"]["process_peak_rss_mb"] / med["fp"]["process_peak_rss_mb"]
+    live_ratio = med["qat"]["live_peak_mb"] / med["fp"]["live_peak_mb"] if args.live_peak else None
     from qvit.report import write_benchmark_record
     command = ("python benchmarks/qat_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     data = dict(command=command, model=args.model, recipe=args.recipe, bits=args.bits, batch_size=args.batch_size,
                 img_size=args.img_size, runs=runs, median=med, time_ratio=time_ratio, memory_ratio=mem_ratio,
-                saved_ratio=saved_ratio, process_memory_ratio=process_ratio)
+                saved_ratio=saved_ratio, process_memory_ratio=process_ratio, live_memory_ratio=live_ratio,
+                live_peak_env=LIVE_PEAK_ENV if args.live_peak else None)
     rows = [f"| FP32 | {_cells(med['fp'])} |", f"| W{args.bits}A{args.bits} {args.recipe} | {_cells(med['qat'])} |",
             f"| ratio | {_ratio_cells(med['qat'], med['fp'])} |"]
     if args.with_unfused_fp:
@@ -198,9 +224,13 @@ def main(argv=None) -> int:
           f"alternating runs of {args.steps} timed steps (after {args.warmup}); peak memory is the process's peak "
           "resident set during training (reset after model building and calibration); saved for backward is what autograd keeps of one forward pass (activations, each storage "
           "once, parameters excluded), which does not depend on how the C allocator reuses freed pages; the process "
-          "peak includes building the model and calibrating the quantizers.\n\n"
-          "| | step (s) | peak RSS in training (MB) | saved for backward (MB) | process peak RSS (MB) |\n"
-          "|---|---|---|---|---|\n"
+          "peak includes building the model and calibrating the quantizers."
+          + (" Without pooling: the peak resident set in training of separate 3-step runs with "
+             "`MALLOC_MMAP_THRESHOLD_=1048576`, where glibc returns every freed block of 1 MiB or more to the system "
+             "instead of keeping it in a heap where it can fragment: close to the bytes actually live."
+             if args.live_peak else "") + "\n\n"
+          "| | step (s) | peak RSS in training (MB) | saved for backward (MB) | process peak RSS (MB) |"
+          + (" peak RSS without pooling (MB) |\n|---|---|---|---|---|---|\n" if args.live_peak else "\n|---|---|---|---|---|\n")
           + "\n".join(rows) + "\n")
     print(md)
     return 0

@@ -21,7 +21,7 @@ def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True
     """Quantize ``model``'s sites per ``config`` (a QuantConfig, mapping, YAML path, or None for W8A8).
 
     Every module whose class has a registered quantized class (``nn.Linear``, ``nn.Conv2d``, timm's
-    ``Attention`` and Swin's ``WindowAttention``) has its class swapped in place; parameters are shared,
+    ``Attention`` and ``Mlp``, Swin's ``WindowAttention``) has its class swapped in place; parameters are shared,
     so the float ``state_dict`` keys are unchanged and quantizer state is added under
     ``<module>.<slot>_quantizer.*``. Quantizers start uncalibrated: run :func:`qvit.calibrate` next.
     """

@@ -261,7 +261,7 @@ class _QuantProduct(torch.autograd.Function):
             if fa.wants_grad():            # d/d â of alpha · â @ b̂ (or b̂ᵀ)
                 grad_a_hat = scaled_matmul(grad, b_hat if ctx.transpose_b else b_hat.transpose(-2, -1), alpha)
             fa.back_propagate(grad_a_hat, value=True)
-            grad_b_hat = None
+            grad_a_hat = grad_b_hat = None     # transients are dropped as soon as they are used (peak memory)
             if fb.wants_grad():
                 a_hat = fa.value.detach().to(grad.dtype)
                 if linear:
@@ -270,7 +270,10 @@ class _QuantProduct(torch.autograd.Function):
                     grad_b_hat = scaled_matmul(grad.transpose(-2, -1), a_hat, alpha)
                 else:
                     grad_b_hat = scaled_matmul(a_hat.transpose(-2, -1), grad, alpha)
+                a_hat = None
+            fa.value = b_hat = None
             fb.back_propagate(grad_b_hat)
+            grad_b_hat = fb.value = None
             pairs = fa.pairs + fb.pairs
             grads = _grads([t for t, _ in pairs], [g for _, g in pairs], (fa.leaf, fb.leaf, *params))
         grad_a = fa.grad if fa.grad is not None else grads[0]

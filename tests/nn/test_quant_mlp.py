@@ -6,16 +6,8 @@ from timm.layers import Mlp
 
 import qvit
 from qvit.nn import QuantMlp
-from qvit.nn.recompute import recompute_enabled, use_recompute
-from qvit.quantizers.functional import fused_kernels_enabled, use_fused_kernels
-
-
-@pytest.fixture(autouse=True)
-def _restore_settings():
-    before, fused = recompute_enabled(), fused_kernels_enabled()
-    yield
-    use_recompute(before)
-    use_fused_kernels(fused)
+from qvit.nn.recompute import use_recompute
+from qvit.quantizers.functional import use_fused_kernels
 
 
 def _mlp(act_layer=nn.GELU, drop: float = 0.0) -> nn.Module:

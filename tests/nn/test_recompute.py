@@ -7,18 +7,10 @@ import torch
 import torch.nn as nn
 
 import qvit
-from qvit.nn.recompute import can_recompute, recompute_enabled, use_recompute
-from qvit.quantizers.functional import fused_kernels_enabled, use_fused_kernels
+from qvit.nn.recompute import can_recompute, use_recompute
+from qvit.quantizers.functional import use_fused_kernels
 from qvit.qat import OscillationTracker
 from qvit.recipes import load_recipe
-
-
-@pytest.fixture(autouse=True)
-def _restore_setting():
-    before, fused = recompute_enabled(), fused_kernels_enabled()
-    yield
-    use_recompute(before)
-    use_fused_kernels(fused)
 
 
 def _linear(kind: str) -> nn.Module:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .functional import FakeQuantArgs
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS
 
 MAX_OBSERVED_ELEMENTS = 1 << 21
@@ -254,8 +255,8 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """Quantize-dequantize ``x`` with the family's gradient."""
         ...
 
-    def fake_quant_args(self, x: torch.Tensor) -> Optional["FakeQuantArgs"]:
-        """The :class:`~qvit.quantizers.functional.FakeQuantArgs` when :meth:`fake_quant` is exactly
+    def fake_quant_args(self, x: torch.Tensor) -> Optional[FakeQuantArgs]:
+        """The :class:`FakeQuantArgs` when :meth:`fake_quant` is exactly
         ``affine_fake_quant(x, *args)`` (training code may then compute its gradients directly); ``None`` for other
         grids. A subclass that changes :meth:`fake_quant` must override this too."""
         return None

@@ -7,7 +7,8 @@ from timm.layers import Mlp
 import qvit
 from qvit.nn import QuantMlp
 from qvit.nn.recompute import use_recompute
-from qvit.quantizers.functional import use_fused_kernels
+
+from .test_recompute import _grads
 
 
 def _mlp(act_layer=nn.GELU, drop: float = 0.0) -> nn.Module:
@@ -19,16 +20,6 @@ def _mlp(act_layer=nn.GELU, drop: float = 0.0) -> nn.Module:
     return model.train()
 
 
-def _run(model: nn.Module, x: torch.Tensor, fused: bool):
-    use_recompute(fused)
-    use_fused_kernels(fused)
-    model.zero_grad()
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("act_layer,name", [(nn.GELU, "gelu"), (lambda: nn.GELU(approximate="tanh"), "gelu_tanh"),
                                             (nn.ReLU, "relu")])
 def test_the_activation_inside_fc2_gives_the_plain_values_and_gradients(act_layer, name):
@@ -36,8 +27,8 @@ def test_the_activation_inside_fc2_gives_the_plain_values_and_gradients(act_laye
     mlp = model[1]
     assert isinstance(mlp, QuantMlp) and mlp.fused_prologue() == name
     x = torch.randn(4, 5, 12)
-    out_f, gx_f, g_f = _run(model, x, True)
-    out_p, gx_p, g_p = _run(model, x, False)         # timm's forward, the eager kernels through autograd
+    out_f, gx_f, g_f = _grads(model, x, True)
+    out_p, gx_p, g_p = _grads(model, x, False)         # timm's forward, the eager kernels through autograd
     torch.testing.assert_close(out_f, out_p, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx_f, gx_p, rtol=1e-5, atol=1e-6)
     assert {"1.fc2.input_quantizer.scale", "1.fc2.input_quantizer.offset"} <= set(g_f)

@@ -15,15 +15,20 @@ def _run(fused, x, scale, offset, qmin, qmax, grad, monkeypatch):
     return out.detach(), [t.grad.clone() for t in leaves]
 
 
+def _case(seed, shape, scale_shape, offset):
+    """``(x, scale, offset or None, grad)``: an input spread over several grid steps and leaves that need gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
+    scale = (0.3 + torch.rand(scale_shape, generator=gen)).requires_grad_()
+    off = (torch.rand(scale_shape, generator=gen) - 0.5).requires_grad_() if offset else None
+    return x, scale, off, torch.randn(shape, generator=gen)
+
+
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("shape,scale_shape", [((64, 30), ()), ((2, 5, 30), ()), ((16, 30), (16, 1)),
                                                ((2, 3, 7, 7), (1, 3, 1, 1))])
 def test_fused_kernels_match_the_eager_ones(offset, shape, scale_shape, monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
-    scale = (0.3 + torch.rand(scale_shape, generator=gen)).requires_grad_()
-    off = (torch.rand(scale_shape, generator=gen) - 0.5).requires_grad_() if offset else None
-    grad = torch.randn(shape, generator=gen)
+    x, scale, off, grad = _case(0, shape, scale_shape, offset)
     eager_out, eager_grads = _run(False, x, scale, off, -8, 7, grad, monkeypatch)
     fused_out, fused_grads = _run(True, x, scale, off, -8, 7, grad, monkeypatch)
     assert torch.equal(fused_out, eager_out)
@@ -119,11 +124,7 @@ def test_gradient_free_kernel_matches_the_eager_one_and_only_runs_inside_the_con
 @pytest.mark.parametrize("shape,scale_shape", [((64, 30), ()), ((16, 30), (16, 1)), ((2, 3, 7, 7), (1, 3, 1, 1))])
 def test_direct_gradients_equal_back_propagation_through_the_eager_kernel(fused, offset, shape, scale_shape,
                                                                           monkeypatch):
-    gen = torch.Generator().manual_seed(2)
-    x = (3 * torch.randn(shape, generator=gen)).requires_grad_()
-    scale = (0.3 + torch.rand(scale_shape, generator=gen)).requires_grad_()
-    off = (torch.rand(scale_shape, generator=gen) - 0.5).requires_grad_() if offset else None
-    grad = torch.randn(shape, generator=gen)
+    x, scale, off, grad = _case(2, shape, scale_shape, offset)
     eager_out, eager_grads = _run(False, x, scale, off, -8, 7, grad, monkeypatch)
     monkeypatch.setattr(functional, "_FUSED", fused)
     args = functional.FakeQuantArgs(scale, off, -8, 7, scale_grad=0.5, offset_grad=0.25)

@@ -142,6 +142,23 @@ def test_direct_gradients_equal_back_propagation_through_the_eager_kernel(fused,
     assert torch.equal(s_out, out) and torch.equal(s_gx, gx) and torch.allclose(s_gs, gs, rtol=1e-5, atol=1e-5)
     frozen = functional.FakeQuantArgs(scale.detach(), None, -8, 7)              # fixed scale: no scale gradient
     assert functional.affine_fake_quant_grads(x.detach(), grad, frozen, value=False, need_x=True)[2] is None
+    # written into a given buffer: the same value and gradients, the buffer returned
+    buf = torch.full(shape, float("nan"))
+    o_out, o_gx, o_gs, _ = functional.affine_fake_quant_grads(strided, grad, args, value=True, need_x=True, out=buf)
+    assert o_out is buf and torch.equal(buf, out) and torch.equal(o_gx, gx) and torch.allclose(o_gs, gs, rtol=1e-5,
+                                                                                                atol=1e-5)
+    buf.fill_(float("nan"))
+    assert functional.affine_fake_quant_value(strided, args, out=buf) is buf and torch.equal(buf, eager_out)
+
+
+def test_a_buffer_of_the_wrong_shape_dtype_or_layout_is_refused():
+    x = torch.randn(4, 6)
+    args = functional.FakeQuantArgs(torch.tensor(0.5), None, -8, 7)
+    for bad in (torch.empty(6, 4), torch.empty(4, 6, dtype=torch.float64), torch.empty(6, 4).t()):
+        with pytest.raises(ValueError, match="contiguous"):
+            functional.affine_fake_quant_value(x, args, out=bad)
+        with pytest.raises(ValueError, match="contiguous"):
+            functional.affine_fake_quant_grads(x, torch.ones_like(x), args, value=True, need_x=True, out=bad)
 
 
 @pytest.mark.parametrize("name", sorted(functional.PROLOGUES))

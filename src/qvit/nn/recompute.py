@@ -14,7 +14,8 @@ forms the quantized value where the product's other gradient needs it; other qua
 and back-propagated with ``torch.autograd.grad``. The gradients are those of the plain path (up to float
 rounding). Quantizer parameters are inputs of the autograd function, so their gradients arrive through the
 ordinary graph (gradient hooks, gradient accumulation and distributed reducers see them as usual). No matrix
-product is recomputed.
+product is recomputed. The quantized factors and intermediate gradients, which live only within one pass, are
+borrowed from :mod:`qvit.nn.scratch` (CPU).
 
 Recomputation is used only when re-running the quantizers is free of side effects (see :func:`can_recompute`);
 otherwise the layer records its graph as usual. ``QVIT_RECOMPUTE=0`` or :func:`use_recompute` turns it off.
@@ -33,6 +34,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..quantizers.functional import (PROLOGUES, FakeQuantArgs, affine_fake_quant_grads, affine_fake_quant_value,
                                      fused_without_grad, prologue_function)
+from .scratch import Scratch
 
 _ENABLED: Optional[bool] = None
 
@@ -128,15 +130,22 @@ def _grads(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]
     return result
 
 
-def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
-    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result)."""
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions (or a 2-d
+    ``b`` shared by all), the factor applied inside the matrix product (no separate pass over the ``[..., n, m]``
+    result); written into ``out`` (contiguous ``[..., n, m]``) when given."""
     if alpha == 1.0:
-        return a @ b
+        return a @ b if out is None else torch.matmul(a, b, out=out)
+    if b.dim() == 2:
+        b = b.expand(*a.shape[:-2], *b.shape)
     batch = a.shape[:-2]
-    out = torch.baddbmm(a.new_zeros(()), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), beta=0.0,
-                        alpha=alpha)
-    return out.reshape(*batch, *out.shape[-2:])
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if out is not None:
+        torch.baddbmm(out.view(-1, *out.shape[-2:]), a3, b3, beta=0.0, alpha=alpha, out=out.view(-1, *out.shape[-2:]))
+        return out
+    result = torch.baddbmm(a.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
+    return result.reshape(*batch, *result.shape[-2:])
 
 
 @lru_cache(maxsize=None)
@@ -181,23 +190,34 @@ class _Factor:
             return self.args.scale.requires_grad or (self.args.offset is not None and self.args.offset.requires_grad)
         return self.quantizer is not None and any(p.requires_grad for p in self.quantizer.parameters())
 
-    def compute_value(self) -> torch.Tensor:
-        """The quantized value, without its gradient."""
+    def compute_value(self, scratch: Optional[Scratch] = None) -> torch.Tensor:
+        """The quantized value, without its gradient; formed in a buffer of ``scratch`` where one is given and the
+        quantizer is affine (the value must then not outlive the scratch)."""
         if self.quantizer is None:
             with torch.no_grad():
                 self.value = prologue_function(self.prologue)(self.t)
         elif self.args is not None:
-            self.value = affine_fake_quant_value(self.t, self.args, self.prologue)
+            out = None if scratch is None else scratch.empty_like(self.t)
+            self.value = affine_fake_quant_value(self.t, self.args, self.prologue, out=out)
         else:
             self.leaf = _leaf(self.t, self.needs_grad)
             self.value = self.quantizer(prologue_function(self.prologue)(self.leaf))
         return self.value
 
-    def back_propagate(self, grad_value: Optional[torch.Tensor], value: bool = False) -> None:
-        """Take the gradient of the quantized value; with ``value=True`` form the value in the same pass."""
+    def scratch_grad(self, scratch: Scratch, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """A pooled buffer for the gradient of the quantized value (``t``'s shape, ``grad``'s dtype), where only the
+        direct path reads it (its results never alias it); ``None`` otherwise."""
+        if self.args is None or self.t.dtype != grad.dtype:
+            return None
+        return scratch.empty(self.t.shape, grad)
+
+    def back_propagate(self, grad_value: Optional[torch.Tensor], value: bool = False,
+                       scratch: Optional[Scratch] = None) -> None:
+        """Take the gradient of the quantized value; with ``value=True`` form the value in the same pass (in a
+        buffer of ``scratch`` where :meth:`compute_value` would use one)."""
         if grad_value is None:
             if value:
-                self.compute_value()
+                self.compute_value(scratch)
             return
         grad_value = grad_value.to(self.t.dtype)
         if self.quantizer is None and self.prologue is None:
@@ -209,7 +229,8 @@ class _Factor:
             self.grad = PROLOGUES[self.prologue][1](grad_value, self.t) if self.needs_grad else None
         elif self.args is not None:
             out, self.grad, grad_scale, grad_offset = affine_fake_quant_grads(
-                self.t, grad_value, self.args, value=value, need_x=self.needs_grad, prologue=self.prologue)
+                self.t, grad_value, self.args, value=value, need_x=self.needs_grad, prologue=self.prologue,
+                out=scratch.empty_like(self.t) if value and scratch is not None else None)
             if value:
                 self.value = out
             if grad_scale is not None:
@@ -233,15 +254,17 @@ class _QuantProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qa, qb, alpha, transpose_b, prologue, a, b, bias, *params):
-        with torch.no_grad(), fused_without_grad():    # the kernels the backward pass runs, for the same values
-            a_hat = _Factor(qa, a, False, prologue).compute_value()
-            b_hat = _Factor(qb, b, False).compute_value()
+        # the kernels the backward pass runs, for the same values; the quantized factors in pooled buffers
+        with torch.no_grad(), fused_without_grad(), Scratch() as scratch:
+            a_hat = _Factor(qa, a, False, prologue).compute_value(scratch)
+            b_hat = _Factor(qb, b, False).compute_value(scratch)
             if b.dim() == 2 and transpose_b:
                 out = F.linear(a_hat, b_hat, bias)
                 if alpha != 1.0:
                     raise ValueError("a linear product takes no factor")
             else:
                 out = scaled_matmul(a_hat, b_hat.transpose(-2, -1) if transpose_b else b_hat, alpha)
+            a_hat = b_hat = None
         ctx.qa, ctx.qb, ctx.alpha, ctx.transpose_b, ctx.prologue = qa, qb, alpha, transpose_b, prologue
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.amp = _autocast_state(a.device.type)
@@ -254,22 +277,23 @@ class _QuantProduct(torch.autograd.Function):
         need = ctx.needs_input_grad
         alpha, linear = ctx.alpha, b.dim() == 2 and ctx.transpose_b
         grad = grad.contiguous()      # often a transposed view; the products below would copy it
-        with torch.enable_grad(), _autocast(ctx.amp):
+        with torch.enable_grad(), _autocast(ctx.amp), Scratch() as scratch:
             fa, fb = _Factor(ctx.qa, a, need[5], ctx.prologue), _Factor(ctx.qb, b, need[6])
-            b_hat = fb.compute_value().detach().to(grad.dtype)
+            b_hat = fb.compute_value(scratch).detach().to(grad.dtype)
             grad_a_hat = None
             if fa.wants_grad():            # d/d â of alpha · â @ b̂ (or b̂ᵀ)
-                grad_a_hat = scaled_matmul(grad, b_hat if ctx.transpose_b else b_hat.transpose(-2, -1), alpha)
-            fa.back_propagate(grad_a_hat, value=True)
+                grad_a_hat = scaled_matmul(grad, b_hat if ctx.transpose_b else b_hat.transpose(-2, -1), alpha,
+                                           out=fa.scratch_grad(scratch, grad))
+            fa.back_propagate(grad_a_hat, value=True, scratch=scratch)
             grad_a_hat = grad_b_hat = None     # transients are dropped as soon as they are used (peak memory)
             if fb.wants_grad():
                 a_hat = fa.value.detach().to(grad.dtype)
                 if linear:
                     grad_b_hat = grad.reshape(-1, grad.shape[-1]).t() @ a_hat.reshape(-1, a_hat.shape[-1])
                 elif ctx.transpose_b:
-                    grad_b_hat = scaled_matmul(grad.transpose(-2, -1), a_hat, alpha)
+                    grad_b_hat = scaled_matmul(grad.transpose(-2, -1), a_hat, alpha, out=fb.scratch_grad(scratch, grad))
                 else:
-                    grad_b_hat = scaled_matmul(a_hat.transpose(-2, -1), grad, alpha)
+                    grad_b_hat = scaled_matmul(a_hat.transpose(-2, -1), grad, alpha, out=fb.scratch_grad(scratch, grad))
                 a_hat = None
             fa.value = b_hat = None
             fb.back_propagate(grad_b_hat)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..evaluate import evaluate
+from ..nn.scratch import release_scratch
 from ..quantizers import Quantizer
 from .callbacks import Callback
 from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
@@ -463,6 +464,7 @@ class QATTrainer:
                 self._tb.close()
             for cb in self.callbacks:
                 cb.teardown(self)
+            release_scratch()     # the pooled buffers of training's recomputed products
         self.save_checkpoint()
         return {"steps": self.state.step, "history": self.state.history, "seconds": time.time() - t0,
                 "config": asdict(self.config)}

@@ -142,6 +142,11 @@ def _fused_fake_quant(x, scale, offset, qmin: Bound, qmax: Bound, prologue: Opti
     return _fake_quant_terms(x, scale, offset, qmin, qmax)[2]
 
 
+def _fused_fake_quant_into(out, x, scale, offset, qmin: Bound, qmax: Bound, prologue: Optional[str] = None):
+    """``_fused_fake_quant`` written into the contiguous ``out`` (compiled, the kernel stores there directly)."""
+    out.copy_(_fused_fake_quant(x, scale, offset, qmin, qmax, prologue))
+
+
 def _fused_value_and_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
                            offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool, need_offset: bool,
                            prologue: Optional[str] = None):
@@ -156,6 +161,17 @@ def _fused_value_and_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, sca
     if grad_x is not None and prologue is not None:
         grad_x = PROLOGUES[prologue][1](grad_x, h)
     return out, None if grad_x is None else _dense(grad_x, h), grad_scale, grad_offset
+
+
+def _fused_value_into_and_grads(out, x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
+                                offset_shape: Optional[Sequence[int]], need_x: bool, need_scale: bool,
+                                need_offset: bool, prologue: Optional[str] = None):
+    """``_fused_value_and_grads`` with ``x̂`` written into the contiguous ``out``; returns
+    ``(grad_x, grad_scale, grad_offset)``."""
+    value, grad_x, grad_scale, grad_offset = _fused_value_and_grads(
+        x, grad, scale, offset, qmin, qmax, scale_shape, offset_shape, need_x, need_scale, need_offset, prologue)
+    out.copy_(value)
+    return grad_x, grad_scale, grad_offset
 
 
 def _fused_grads(x, grad, scale, offset, qmin: Bound, qmax: Bound, scale_shape: Sequence[int],
@@ -333,21 +349,34 @@ class FakeQuantArgs:
         return iter((self.scale, self.offset, self.qmin, self.qmax, self.scale_grad, self.offset_grad))
 
 
-def affine_fake_quant_value(x: torch.Tensor, args: FakeQuantArgs, prologue: Optional[str] = None) -> torch.Tensor:
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+
+
+def affine_fake_quant_value(x: torch.Tensor, args: FakeQuantArgs, prologue: Optional[str] = None,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``affine_fake_quant(f(x), *args)`` without a graph (the compiled kernel while :func:`fused_kernels_enabled`);
-    ``f`` is the elementwise function registered as ``prologue`` in :data:`PROLOGUES` (identity for ``None``)."""
+    ``f`` is the elementwise function registered as ``prologue`` in :data:`PROLOGUES` (identity for ``None``).
+    Written into ``out`` (contiguous, ``x``'s shape and dtype) when given."""
     with torch.no_grad():
-        return _run(_fused_fake_quant, x, args.scale, args.offset, _bound_tensor(args.qmin, x),
-                    _bound_tensor(args.qmax, x), prologue)
+        rest = (args.scale, args.offset, _bound_tensor(args.qmin, x), _bound_tensor(args.qmax, x), prologue)
+        if out is None:
+            return _run(_fused_fake_quant, x, *rest)
+        _check_out(out, x)
+        _run(_fused_fake_quant_into, out, x, *rest)
+        return out
 
 
 def affine_fake_quant_grads(x: torch.Tensor, grad: torch.Tensor, args: FakeQuantArgs, *, value: bool,
-                            need_x: bool, prologue: Optional[str] = None) -> Tuple[Optional[torch.Tensor], ...]:
+                            need_x: bool, prologue: Optional[str] = None,
+                            out: Optional[torch.Tensor] = None) -> Tuple[Optional[torch.Tensor], ...]:
     """The gradients of ``affine_fake_quant(f(x), *args)`` for the output gradient ``grad`` (same shape as ``x``),
     computed from ``x`` in one pass and without a graph: ``(x̂, grad_x, grad_scale, grad_offset)``.
 
     ``f`` is the elementwise function registered as ``prologue`` in :data:`PROLOGUES` (identity for ``None``).
-    ``x̂`` is formed only with ``value=True`` and ``grad_x`` only with ``need_x``; ``grad_scale``/``grad_offset``
+    ``x̂`` is formed only with ``value=True`` (in ``out`` when given: contiguous, ``x``'s shape and dtype) and
+    ``grad_x`` only with ``need_x``; ``grad_scale``/``grad_offset``
     (shaped like ``args.scale``/``args.offset``, LSQ's factors applied) only where those require gradients. Equal
     to back-propagating through ``f`` and :func:`affine_fake_quant`, with ``round(v) - v`` exact rather than in
     float16.
@@ -361,7 +390,10 @@ def affine_fake_quant_grads(x: torch.Tensor, grad: torch.Tensor, args: FakeQuant
         qmin, qmax = _bound_tensor(args.qmin, x), _bound_tensor(args.qmax, x)
         rest = (args.scale, args.offset, qmin, qmax, tuple(args.scale.shape),
                 None if args.offset is None else tuple(args.offset.shape), need_x, need_scale, need_offset, prologue)
-        if value:
+        if value and out is not None:
+            _check_out(out, x)
+            grad_x, grad_scale, grad_offset = _run(_fused_value_into_and_grads, out, x, grad, *rest)
+        elif value:
             out, grad_x, grad_scale, grad_offset = _run(_fused_value_and_grads, x, grad, *rest)
         else:
             out, (grad_x, grad_scale, grad_offset) = None, _run(_fused_grads, x, grad, *rest)

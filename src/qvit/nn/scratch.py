@@ -5,14 +5,15 @@ intermediate gradients of its backward pass live only while that pass runs, and 
 forms them again. Left to the C allocator, each is a fresh multi-megabyte block: glibc keeps freed blocks in its
 heap, the small long-lived allocations of the autograd graph land in the holes they leave, and the holes no longer
 fit the next block of that size, so the heap keeps growing (the resident memory of QAT grew about 30 % beyond the
-bytes actually live). Borrowing these tensors from a pool keeps them out of the heap: one buffer per shape and
-concurrent use, held between passes and reused by whichever pass comes next.
+bytes actually live). Borrowing these tensors from a pool keeps them out of the heap: a few buffers, as many as one
+pass uses at once, held between passes and reused by whichever pass comes next.
 
 Pools are per thread (autograd may run backward passes on its own threads) and serve CPU tensors only: the CUDA
 caching allocator already reuses blocks by size.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Dict, List, Sequence
 
@@ -46,9 +47,7 @@ class Scratch:
         shape = tuple(int(n) for n in shape)
         if like.device.type != "cpu":
             return torch.empty(shape, dtype=like.dtype, device=like.device)
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         free = _free_lists().setdefault(like.dtype, [])
         for i in range(len(free) - 1, -1, -1):
             if free[i].numel() >= numel:

@@ -132,13 +132,11 @@ def _grads(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]
 
 def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions (or a 2-d
-    ``b`` shared by all), the factor applied inside the matrix product (no separate pass over the ``[..., n, m]``
-    result); written into ``out`` (contiguous ``[..., n, m]``) when given."""
+    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
+    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result); written into ``out``
+    (contiguous ``[..., n, m]``) when given."""
     if alpha == 1.0:
         return a @ b if out is None else torch.matmul(a, b, out=out)
-    if b.dim() == 2:
-        b = b.expand(*a.shape[:-2], *b.shape)
     batch = a.shape[:-2]
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if out is not None:

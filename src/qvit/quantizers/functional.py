@@ -9,6 +9,8 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .static_kernels import StaticKernelCache
+
 Bound = Union[float, torch.Tensor]
 
 
@@ -248,6 +250,8 @@ class _FusedAffineFakeQuant(torch.autograd.Function):
         return grad_x, grad_scale, grad_offset, None, None, None, None
 
 
+#: the statically compiled graphs of hot call signatures (CPU)
+STATIC_KERNELS = StaticKernelCache()
 #: compiled variants allowed per kernel (ranks, broadcast patterns, strides and dtypes each make one)
 RECOMPILE_LIMIT = 64
 _COMPILED: dict = {}
@@ -256,14 +260,18 @@ _COMPILED: dict = {}
 def _run(kernel, *args):
     """Run ``kernel`` (one of the ``_fused_*`` functions), compiled while :func:`fused_kernels_enabled`.
 
-    If compiling fails (no working C++ toolchain, say) the kernels are turned off for the process with a warning
-    and the same function runs eagerly."""
+    Signatures a loop repeats run a statically compiled graph instead (:mod:`.static_kernels`: no Dynamo dispatch
+    per call). If compiling fails (no working C++ toolchain, say) the kernels are turned off for the process with a
+    warning and the same function runs eagerly."""
     if fused_kernels_enabled():
         if kernel not in _COMPILED:
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
+        static = STATIC_KERNELS.lookup(kernel, args)
+        if static is not None:
+            return static(args)
         try:
             return _COMPILED[kernel](*args)
         except Exception as err:     # noqa: BLE001 (any compiler failure: the eager function computes the same)

@@ -1,0 +1,122 @@
+"""Statically compiled kernels for the call signatures a training loop repeats.
+
+A ``torch.compile`` function pays for Dynamo on every call: frame evaluation, guard checks and several layers of
+runtime wrappers, a few hundred Python calls in all. In a training step these run between large matrix products
+that have evicted them from the CPU caches, and each call then costs about 0.3 ms on a 2-core machine, several times
+the work of a small fake-quantization kernel; a ViT step makes hundreds of such calls. Once the same signature
+(kernel, constant arguments, and each tensor's dtype, shape and strides) has been seen :data:`PROMOTE_AFTER` times,
+:class:`StaticKernelCache` traces the kernel for exactly those inputs (``make_fx``) and compiles the graph with
+Inductor (``torch._inductor.compile``); later calls with that signature go straight to the compiled graph. Nothing
+in such a graph depends on a guard other than the signature, so the signature is the whole cache key.
+
+CPU tensors only (on CUDA the dispatch cost is hidden behind asynchronous kernels). A signature whose trace or
+compilation fails is left to the caller's own path for the rest of the process.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
+
+import torch
+
+#: calls of one signature before it is compiled statically (a training step repeats each one once per block)
+PROMOTE_AFTER = 32
+#: most signatures kept compiled; beyond that the oldest are dropped
+MAX_SIGNATURES = 256
+
+Signature = Tuple[Hashable, ...]
+
+
+def call_signature(kernel: Callable, args: Sequence) -> Optional[Signature]:
+    """The cache key of ``kernel(*args)``: the kernel, whether CPU autocast is on, each tensor's dtype, shape and
+    strides, and every other argument as it is; ``None`` when a tensor is not on the CPU or an argument is not
+    hashable."""
+    parts = [kernel, torch.is_autocast_enabled("cpu")]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                return None
+            parts.append((a.dtype, a.shape, a.stride()))
+        else:
+            parts.append(a)
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+class _StaticGraph:
+    """``kernel`` compiled for one signature: called with the same arguments, tensors in the same places."""
+
+    def __init__(self, kernel: Callable, args: Sequence) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        self.positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        template = list(args)
+        forms = []
+
+        def graph(*tensors):
+            full = list(template)
+            for i, t in zip(self.positions, tensors):
+                full[i] = t
+            result = kernel(*full)
+            forms.append(None if result is None else type(result))
+            return () if result is None else result
+
+        tensors = [args[i] for i in self.positions]
+        for i in self.positions:
+            template[i] = None          # the graph must not keep the example tensors alive
+        with torch.no_grad():
+            traced = make_fx(graph)(*tensors)
+            self.compiled = torch._inductor.compile(traced, tensors)
+        self.form = forms[-1]       # None, a tensor, or a tuple (the compiled graph returns a list)
+
+    def __call__(self, args: Sequence):
+        result = self.compiled(*[args[i] for i in self.positions])
+        if self.form is None:
+            return None
+        return tuple(result) if self.form is tuple else result
+
+
+class StaticKernelCache:
+    """Counts each signature's calls and compiles it statically on its :data:`PROMOTE_AFTER`-th call."""
+
+    def __init__(self) -> None:
+        self._counts: Dict[Signature, int] = {}
+        #: compiled graphs, and ``None`` for signatures whose compilation failed
+        self._graphs: Dict[Signature, Optional[_StaticGraph]] = {}
+
+    def __len__(self) -> int:
+        """Signatures compiled so far."""
+        return sum(g is not None for g in self._graphs.values())
+
+    def clear(self) -> None:
+        self._counts.clear()
+        self._graphs.clear()
+
+    def lookup(self, kernel: Callable, args: Sequence) -> Optional[_StaticGraph]:
+        """The compiled graph for ``kernel(*args)`` (tensor arguments detached), compiling it when the signature
+        has become hot; ``None`` while it has not or where it cannot be compiled."""
+        key = call_signature(kernel, args)
+        if key is None:
+            return None
+        if key in self._graphs:
+            return self._graphs[key]
+        count = self._counts[key] = self._counts.get(key, 0) + 1
+        if count < PROMOTE_AFTER:
+            if len(self._counts) > 16 * MAX_SIGNATURES:
+                self._counts.clear()      # shapes that never repeat enough (e.g. varying batch sizes)
+            return None
+        del self._counts[key]
+        try:
+            graph: Optional[_StaticGraph] = _StaticGraph(kernel, args)
+        except Exception as err:     # noqa: BLE001 (any tracing or compiler failure: the caller's path computes the same)
+            graph = None
+            warnings.warn(f"qvit: {getattr(kernel, '__name__', kernel)} could not be compiled statically "
+                          f"({type(err).__name__}); it keeps its Dynamo-compiled version", RuntimeWarning)
+        if len(self._graphs) >= MAX_SIGNATURES:
+            del self._graphs[next(iter(self._graphs))]
+        self._graphs[key] = graph
+        return graph

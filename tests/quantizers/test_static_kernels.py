@@ -1,0 +1,105 @@
+"""Hot call signatures of the compiled fake-quantization kernels run statically compiled graphs."""
+import pytest
+import torch
+
+from qvit.quantizers import functional, static_kernels
+from qvit.quantizers.static_kernels import StaticKernelCache, call_signature
+
+
+@pytest.fixture
+def cache(monkeypatch):
+    """A fresh cache that compiles a signature on its second call, with the fused kernels on."""
+    fresh = StaticKernelCache()
+    monkeypatch.setattr(functional, "STATIC_KERNELS", fresh)
+    monkeypatch.setattr(static_kernels, "PROMOTE_AFTER", 2)
+    monkeypatch.setattr(functional, "_FUSED", True)
+    return fresh
+
+
+def _case():
+    gen = torch.Generator().manual_seed(3)
+    x = 3 * torch.randn(6, 20, generator=gen)
+    scale = (0.3 + torch.rand(6, 1, generator=gen)).requires_grad_()
+    return x, scale, torch.randn(6, 20, generator=gen)
+
+
+def _eager(x, scale, grad):
+    """``(x̂, grad_x, grad_scale)`` of LSQ fake quantization onto [-8, 7] (scale gradient factor 0.5), by formula."""
+    s = scale.detach()
+    v = x / s
+    q = torch.clamp(v.round(), -8, 7)
+    inside = (v > -8) & (v < 7)
+    grad_scale = 0.5 * (grad * torch.where(inside, q - v, q)).sum(1, keepdim=True)
+    return q * s, torch.where(inside, grad, 0.0), grad_scale
+
+
+def test_a_hot_signature_is_compiled_once_and_computes_the_same_values_and_gradients(cache):
+    x, scale, grad = _case()
+    args = functional.FakeQuantArgs(scale, None, -8, 7, scale_grad=0.5)
+    expected = _eager(x, scale, grad)
+    results = []
+    for _ in range(3):
+        out = torch.empty_like(x)
+        value = functional.affine_fake_quant_value(x, args)
+        into = functional.affine_fake_quant_value(x, args, out=out)
+        _, gx, gs, _ = functional.affine_fake_quant_grads(x, grad, args, value=False, need_x=True)
+        results.append((value, into, gx, gs))
+    # three kernels (value, value into a buffer, gradients), each compiled on its second call
+    assert len(cache) == 3
+    for value, into, gx, gs in results:
+        assert torch.equal(value, expected[0]) and torch.equal(into, expected[0])
+        assert torch.equal(gx, expected[1])
+        torch.testing.assert_close(gs, expected[2], rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_through_a_statically_compiled_kernel(cache):
+    x, scale, grad = _case()
+    expected = _eager(x, scale, grad)
+    for step in range(3):
+        leaf = x.clone().requires_grad_()
+        scale.grad = None
+        out = functional.affine_fake_quant(leaf, scale, None, -8, 7, scale_grad=0.5)
+        out.backward(grad)
+        assert torch.equal(out.detach(), expected[0]) and torch.equal(leaf.grad, expected[1])
+        # the forward pass keeps round(v) - v in float16
+        torch.testing.assert_close(scale.grad, expected[2], rtol=1e-3, atol=1e-3)
+    assert len(cache) == 2               # forward and backward kernel
+
+
+def test_the_signature_tells_shapes_layouts_dtypes_and_constants_apart():
+    x = torch.randn(4, 6)
+    kernel = functional._fused_fake_quant
+    key = call_signature(kernel, (x, 0.5, None, "gelu"))
+    assert key == call_signature(kernel, (torch.randn(4, 6), 0.5, None, "gelu"))
+    others = [(torch.randn(4, 7), 0.5, None, "gelu"), (x.t().contiguous().t(), 0.5, None, "gelu"),
+              (x.double(), 0.5, None, "gelu"), (x, 0.25, None, "gelu"), (x, 0.5, None, None)]
+    assert all(call_signature(kernel, args) != key for args in others)
+    assert call_signature(functional._fused_grads, (x, 0.5, None, "gelu")) != key
+    assert call_signature(kernel, (x.to("meta"),)) is None          # CPU tensors only
+    assert call_signature(kernel, (x, [1, 2])) is None              # unhashable arguments
+
+
+def test_signatures_below_the_threshold_stay_on_the_dynamo_kernel(cache, monkeypatch):
+    monkeypatch.setattr(static_kernels, "PROMOTE_AFTER", 4)
+    x, scale, _ = _case()
+    args = functional.FakeQuantArgs(scale, None, -8, 7)
+    for calls in range(1, 5):
+        functional.affine_fake_quant_value(x, args)
+        assert len(cache) == (1 if calls == 4 else 0)
+
+
+def test_a_signature_that_cannot_be_compiled_keeps_the_dynamo_kernel(cache, monkeypatch):
+    attempts = []
+
+    def broken(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("inductor failure")
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    x, scale, grad = _case()
+    args = functional.FakeQuantArgs(scale, None, -8, 7)
+    expected = _eager(x, scale, grad)[0]
+    assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
+    with pytest.warns(RuntimeWarning, match="could not be compiled statically"):
+        assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
+    assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
+    assert attempts == [1] and len(cache) == 0 and functional.fused_kernels_enabled()

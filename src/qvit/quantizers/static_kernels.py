@@ -69,7 +69,7 @@ class _StaticGraph:
         for i in self.positions:
             template[i] = None          # the graph must not keep the example tensors alive
         with torch.no_grad():
-            traced = make_fx(graph)(*tensors)
+            traced = make_fx(graph, tracing_mode="fake")(*tensors)      # no real computation
             self.compiled = torch._inductor.compile(traced, tensors)
         self.form = forms[-1]       # None, a tensor, or a tuple (the compiled graph returns a list)
 

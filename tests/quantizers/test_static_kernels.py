@@ -1,4 +1,6 @@
 """Hot call signatures of the compiled fake-quantization kernels run statically compiled graphs."""
+import threading
+
 import pytest
 import torch
 
@@ -103,3 +105,20 @@ def test_a_signature_that_cannot_be_compiled_keeps_the_dynamo_kernel(cache, monk
         assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
     assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
     assert attempts == [1] and len(cache) == 0 and functional.fused_kernels_enabled()
+
+
+def test_compilation_runs_on_its_own_thread_with_the_callers_autocast_state(cache, monkeypatch):
+    seen = []
+    real_compile = torch._inductor.compile
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return real_compile(*args, **kwargs)
+    monkeypatch.setattr(torch._inductor, "compile", recording)
+    x, scale, grad = _case()
+    args = functional.FakeQuantArgs(scale, None, -8, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = [functional.affine_fake_quant_value(x, args) for _ in range(2)]
+    assert seen == [(False, True, torch.bfloat16)] and len(cache) == 1
+    assert all(torch.equal(v, _eager(x, scale, grad)[0]) for v in values)

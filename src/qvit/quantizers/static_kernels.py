@@ -6,16 +6,18 @@ that have evicted them from the CPU caches, and each call then costs about 0.3 m
 the work of a small fake-quantization kernel; a ViT step makes hundreds of such calls. Once the same signature
 (kernel, constant arguments, and each tensor's dtype, shape and strides) has been seen :data:`PROMOTE_AFTER` times,
 :class:`StaticKernelCache` traces the kernel for exactly those inputs (``make_fx``) and compiles the graph with
-Inductor (``torch._inductor.compile``); later calls with that signature go straight to the compiled graph. Nothing
-in such a graph depends on a guard other than the signature, so the signature is the whole cache key.
+Inductor (``torch._inductor.compile``), on a short-lived thread of its own (see :func:`_on_own_thread`); later calls
+with that signature go straight to the compiled graph. Nothing in such a graph depends on a guard other than the
+signature, so the signature is the whole cache key.
 
 CPU tensors only (on CUDA the dispatch cost is hidden behind asynchronous kernels). A signature whose trace or
 compilation fails is left to the caller's own path for the rest of the process.
 """
 from __future__ import annotations
 
+import threading
 import warnings
-from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -25,13 +27,14 @@ PROMOTE_AFTER = 32
 MAX_SIGNATURES = 256
 
 Signature = Tuple[Hashable, ...]
+T = TypeVar("T")
 
 
 def call_signature(kernel: Callable, args: Sequence) -> Optional[Signature]:
-    """The cache key of ``kernel(*args)``: the kernel, whether CPU autocast is on, each tensor's dtype, shape and
+    """The cache key of ``kernel(*args)``: the kernel, CPU autocast's state, each tensor's dtype, shape and
     strides, and every other argument as it is; ``None`` when a tensor is not on the CPU or an argument is not
     hashable."""
-    parts = [kernel, torch.is_autocast_enabled("cpu")]
+    parts = [kernel, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")]
     for a in args:
         if isinstance(a, torch.Tensor):
             if a.device.type != "cpu":
@@ -45,6 +48,27 @@ def call_signature(kernel: Callable, args: Sequence) -> Optional[Signature]:
     except TypeError:
         return None
     return key
+
+
+def _on_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a new thread, waited for (its exception re-raised here).
+
+    glibc gives a new thread its own malloc arena. Compiling makes many small allocations that outlive it (graphs,
+    code, caches); made on the training thread in the middle of a step, they land in the holes that freed
+    activations leave in the main heap and split them, so the heap grows (about 100 MB on deit_small)."""
+    box: Dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as err:     # noqa: BLE001 (handed to the caller)
+            box["error"] = err
+    worker = threading.Thread(target=run, name="qvit-static-compile")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class _StaticGraph:
@@ -68,9 +92,13 @@ class _StaticGraph:
         tensors = [args[i] for i in self.positions]
         for i in self.positions:
             template[i] = None          # the graph must not keep the example tensors alive
-        with torch.no_grad():
-            traced = make_fx(graph, tracing_mode="fake")(*tensors)      # no real computation
-            self.compiled = torch._inductor.compile(traced, tensors)
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+        def compile_graph():
+            with torch.no_grad(), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+                traced = make_fx(graph, tracing_mode="fake")(*tensors)      # no real computation
+                return torch._inductor.compile(traced, tensors)
+        self.compiled = _on_own_thread(compile_graph)
         self.form = forms[-1]       # None, a tensor, or a tuple (the compiled graph returns a list)
 
     def __call__(self, args: Sequence):

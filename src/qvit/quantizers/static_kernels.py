@@ -28,6 +28,7 @@ MAX_SIGNATURES = 256
 
 Signature = Tuple[Hashable, ...]
 T = TypeVar("T")
+_UNSEEN = object()
 
 
 def call_signature(kernel: Callable, args: Sequence) -> Optional[Signature]:
@@ -130,8 +131,9 @@ class StaticKernelCache:
         key = call_signature(kernel, args)
         if key is None:
             return None
-        if key in self._graphs:
-            return self._graphs[key]
+        graph = self._graphs.get(key, _UNSEEN)
+        if graph is not _UNSEEN:
+            return graph
         count = self._counts[key] = self._counts.get(key, 0) + 1
         if count < PROMOTE_AFTER:
             if len(self._counts) > 16 * MAX_SIGNATURES:
@@ -139,7 +141,7 @@ class StaticKernelCache:
             return None
         del self._counts[key]
         try:
-            graph: Optional[_StaticGraph] = _StaticGraph(kernel, args)
+            graph = _StaticGraph(kernel, args)
         except Exception as err:     # noqa: BLE001 (any tracing or compiler failure: the caller's path computes the same)
             graph = None
             warnings.warn(f"qvit: {getattr(kernel, '__name__', kernel)} could not be compiled statically "

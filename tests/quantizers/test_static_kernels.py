@@ -122,3 +122,12 @@ def test_compilation_runs_on_its_own_thread_with_the_callers_autocast_state(cach
         values = [functional.affine_fake_quant_value(x, args) for _ in range(2)]
     assert seen == [(False, True, torch.bfloat16)] and len(cache) == 1
     assert all(torch.equal(v, _eager(x, scale, grad)[0]) for v in values)
+
+
+def test_with_gradients_recorded_the_graph_gets_detached_inputs(cache):
+    x, scale, grad = _case()
+    bounds = functional._bound_tensor(-8, x), functional._bound_tensor(7, x)
+    for _ in range(3):
+        value = functional._run(functional._fused_fake_quant, x, scale, None, *bounds, None)
+        assert value.grad_fn is None and torch.equal(value, _eager(x, scale, grad)[0])
+    assert len(cache) == 1

@@ -268,8 +268,10 @@ def _run(kernel, *args):
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
-        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
         static = STATIC_KERNELS.lookup(kernel, args)
+        if static is not None and not torch.is_grad_enabled():
+            return static(args)
+        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
         if static is not None:
             return static(args)
         try:

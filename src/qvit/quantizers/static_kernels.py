@@ -90,7 +90,7 @@ class _StaticGraph:
             forms.append(None if result is None else type(result))
             return () if result is None else result
 
-        tensors = [args[i] for i in self.positions]
+        tensors = [args[i].detach() for i in self.positions]
         for i in self.positions:
             template[i] = None          # the graph must not keep the example tensors alive
         autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
@@ -126,8 +126,9 @@ class StaticKernelCache:
         self._graphs.clear()
 
     def lookup(self, kernel: Callable, args: Sequence) -> Optional[_StaticGraph]:
-        """The compiled graph for ``kernel(*args)`` (tensor arguments detached), compiling it when the signature
-        has become hot; ``None`` while it has not or where it cannot be compiled."""
+        """The compiled graph for ``kernel(*args)``, compiling it when the signature has become hot; ``None`` while
+        it has not or where it cannot be compiled. The graph records no autograd history: call it without gradient
+        recording or with detached tensors."""
         key = call_signature(kernel, args)
         if key is None:
             return None

@@ -269,9 +269,9 @@ def _run(kernel, *args):
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         static = STATIC_KERNELS.lookup(kernel, args)
-        if static is not None and not torch.is_grad_enabled():
-            return static(args)
-        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)   # a Parameter would compile anew
+        if static is None or torch.is_grad_enabled():
+            # a Parameter would compile anew; a static graph must not record autograd history
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         if static is not None:
             return static(args)
         try:

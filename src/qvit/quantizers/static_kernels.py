@@ -121,10 +121,6 @@ class StaticKernelCache:
         """Signatures compiled so far."""
         return sum(g is not None for g in self._graphs.values())
 
-    def clear(self) -> None:
-        self._counts.clear()
-        self._graphs.clear()
-
     def lookup(self, kernel: Callable, args: Sequence) -> Optional[_StaticGraph]:
         """The compiled graph for ``kernel(*args)``, compiling it when the signature has become hot; ``None`` while
         it has not or where it cannot be compiled. The graph records no autograd history: call it without gradient

@@ -56,6 +56,20 @@ def test_lsq_plus_offset_gradient_and_init():
     torch.testing.assert_close(q.dequantize(q.quantize(x)), q(x))
 
 
+@pytest.mark.parametrize("offset_grad, factor", [("scaled", 1 / math.sqrt(3 * 3)), ("unscaled", 1.0)])
+def test_lsq_plus_offset_gradient_scaling_is_an_option(offset_grad, factor):
+    q = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "offset_grad": offset_grad})
+    q.calibrate(torch.tensor([-0.2, 0.0, 0.4, 1.0]))              # s = 0.4, beta = -0.2
+    xs = torch.tensor([-1.0, 0.3, 2.0], requires_grad=True)       # two clipped inputs, one inside
+    q(xs).sum().backward()
+    assert q.offset.grad.item() == pytest.approx(2 * factor)
+    # the step size keeps LSQ's scaling either way: clipped levels 0 and 3, round(1.25) - 1.25 inside
+    assert q.scale.grad.item() == pytest.approx((0 + (1 - 1.25) + 3) / math.sqrt(3 * 3))
+    assert create_quantizer(q.config()).offset_grad == offset_grad
+    with pytest.raises(ValueError, match="offset_grad"):
+        create_quantizer({"kind": "lsq_plus", "bits": 2, "offset_grad": "half"})
+
+
 def test_lsq_scale_is_trainable_parameter_in_state_dict():
     q = create_quantizer({"kind": "lsq", "bits": 4, "granularity": "channel", "axis": 0})
     q.calibrate(torch.randn(3, 8))

@@ -13,6 +13,8 @@ from .base import MIN_SCALE, set_tensor
 from .uniform import UniformQuantizer
 
 GRAD_SCALES = ("lsq", "vvtq_weight", "vvtq_act", "none")
+#: how LSQ+'s offset gradient is scaled: by the step size's factor ``g``, or not at all (VVTQ's code)
+OFFSET_GRADS = ("scaled", "unscaled")
 
 
 @register_quantizer("lsq")
@@ -95,11 +97,16 @@ class LSQPlusQuantizer(LSQQuantizer):
     """LSQ+ (Bhalgat et al. 2020): a learnable offset ``beta`` as well as the step size.
 
     ``x̂ = clamp(round((x - beta) / s), Qn, Qp) * s + beta``. The offset gradient is ``1`` outside the
-    range and ``0`` inside, scaled like the step size's. Initialised from a range (default ``minmax``):
-    ``s = (hi - lo) / (Qp - Qn)`` and ``beta = lo - Qn * s``.
+    range and ``0`` inside; ``offset_grad="scaled"`` multiplies it by the step size's factor ``g`` (a second
+    quantizer parameter summing as many per-element terms as the step), ``"unscaled"`` leaves it as it is
+    (VVTQ's ``QuantAct``, whose offset is added outside the gradient-scaled step). Initialised from a range
+    (default ``minmax``): ``s = (hi - lo) / (Qp - Qn)`` and ``beta = lo - Qn * s``.
     """
 
-    def __init__(self, bits: int = 8, *, init: str = "minmax", **kwargs) -> None:
+    def __init__(self, bits: int = 8, *, init: str = "minmax", offset_grad: str = "scaled", **kwargs) -> None:
+        if offset_grad not in OFFSET_GRADS:
+            raise ValueError(f"offset_grad must be one of {OFFSET_GRADS}, got {offset_grad!r}")
+        self.offset_grad = offset_grad
         super().__init__(bits, init=init, **kwargs)
         self.offset = nn.Parameter(torch.zeros(1))
 
@@ -129,7 +136,7 @@ class LSQPlusQuantizer(LSQQuantizer):
         qmin, qmax = self.code_range()
         g = self.grad_factor(x)
         return FakeQuantArgs(self.expand(self.scale, x), self.expand(self.offset, x), qmin, qmax, scale_grad=g,
-                             offset_grad=g)
+                             offset_grad=g if self.offset_grad == "scaled" else 1.0)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         qmin, qmax = self.code_range()
@@ -141,6 +148,9 @@ class LSQPlusQuantizer(LSQQuantizer):
 
     def affine_form(self):
         return None   # the learnt offset is not a multiple of the step
+
+    def config(self):
+        return {**super().config(), "offset_grad": self.offset_grad}
 
     def integer_domain(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-rounding position ``(x - beta) / s``."""

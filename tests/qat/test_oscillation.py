@@ -95,6 +95,61 @@ def test_frozen_weights_stay_fixed_under_the_optimizer_with_weight_decay():
     assert stats["frozen_fraction"] == 0.5
 
 
+def test_freezing_decides_in_the_crossing_step_at_the_ema_from_before_it():
+    # m = 0.5, threshold 0.3, freezing on from the first step. Latent weights 6.1, 5.9, 0.2, 1.1 (step 1: codes
+    # 6, 6, 0, 1). Code EMA (initialised at the first code): 6 -> 6 -> 0.5·0 + 0.5·6 = 3. At step 3 the code
+    # reverses (down 6 -> 0, then up 0 -> 1): f = 0.5 > 0.3 in that step, so the weight freezes at round(3) = 3,
+    # the EMA before that step's update (which would give 0.5·1 + 0.5·3 = 2, the value a rule deciding one step
+    # later freezes at).
+    model = _layer(torch.tensor([[6.1, 2.0]]))
+    tracker = OscillationTracker(model, momentum=0.5)
+    tracker.freeze_threshold = 0.3
+    w = model[0].weight
+    state = tracker.state(tracker.weights[0])
+    for t, value in enumerate((6.1, 5.9, 0.2, 1.1)):
+        with torch.no_grad():
+            w[0, 0] = value
+        tracker.step()
+        assert state.frozen[0, 0].item() == (t == 3)
+    assert state.freq[0, 0].item() == pytest.approx(0.5)
+    assert state.frozen_int[0, 0].item() == 3.0
+    assert state.frozen_weight[0, 0].item() == pytest.approx(1.1)
+    assert state.ema_int[0, 0].item() == pytest.approx(2.0)
+    assert model[0].weight_quantizer(w)[0, 0].item() == 3.0          # the next forward uses the frozen code
+    # step 4: the optimizer moved the latent weight; it is put back, the forward's code goes 1 -> 3 (no reversal,
+    # f = 0.25 < 0.3: the frozen code is not re-assigned) and the EMA takes the frozen code: 0.5·3 + 0.5·2 = 2.5
+    with torch.no_grad():
+        w[0, 0] = -4.0
+    tracker.step()
+    assert w[0, 0].item() == pytest.approx(1.1)
+    assert state.freq[0, 0].item() == pytest.approx(0.25)
+    assert state.frozen_int[0, 0].item() == 3.0 and state.ema_int[0, 0].item() == pytest.approx(2.5)
+    assert not state.frozen[0, 1] and int(state.reversals[0, 1]) == 0     # the steady weight never froze
+
+
+def test_commit_frozen_writes_the_frozen_codes_into_the_weights_for_export(tmp_path):
+    from qvit.export import load_quantized, save_quantized
+    from qvit.qat import commit_frozen
+    model = _layer(torch.tensor([[6.1, 2.0]]))
+    tracker = OscillationTracker(model, momentum=0.5)
+    tracker.freeze_threshold = 0.3
+    for value in (6.1, 5.9, 0.2, 1.1):          # freezes weight 0 at code 3 (see the test above)
+        with torch.no_grad():
+            model[0].weight[0, 0] = value
+        tracker.step()
+    x = torch.tensor([[1.0, -2.0]])
+    with torch.no_grad():
+        before = model(x)
+        assert before.tolist() == [[3.0 - 4.0]]                 # frozen code 3, free weight code 2
+    assert commit_frozen(model) == 1
+    assert model[0].weight[0, 0].item() == 3.0
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    loaded = load_quantized(save_quantized(model, tmp_path / "m.safetensors"), nn.Sequential(nn.Linear(2, 1, bias=False)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), before)                    # the packed file has no tracker: the code is in W
+
+
 def test_freezing_state_round_trips_through_the_state_dict():
     model = _layer(torch.tensor([[0.4, 0.6]]))
     tracker = OscillationTracker(model, momentum=0.5)

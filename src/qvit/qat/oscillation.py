@@ -13,10 +13,12 @@ its buffers travel with the model's ``state_dict`` and a resumed run continues t
   value at freezing; ``ema_int``: the EMA of the code, whose rounding is the frozen code (Nagel's ``use_ema_x_int``).
 
 :meth:`OscillationTracker.step` runs once per optimizer step, after ``optimizer.step()``, and only in training
-(evaluation forwards never touch the statistics: the reference code counted them and decayed the EMA there). With a
-freezing threshold ``thr > 0``: every weight with ``f > thr`` is frozen (for good) and its frozen code is set to
-``round(ema_int)`` from before this step's update, re-assigned at every step while ``f`` stays above ``thr``;
-``ema_int`` then takes this step's raw code. A new freeze acts from the next forward. Frozen weights: the forward
+(evaluation forwards never touch the statistics: the reference code counted them and decayed the EMA there). Each
+step follows the reference tracker's order: the code ``x`` the next forward uses (``frozen_int`` where frozen), its
+reversal statistics, then freezing. With a freezing threshold ``thr > 0``, every weight whose frequency, updated with
+this step's reversal, exceeds ``thr`` is frozen (for good) at ``round(ema_int)`` as it stood before this step, and
+re-assigned that value at every step while ``f`` stays above ``thr``; ``ema_int`` then takes this step's ``x``.
+A new freeze acts from the next forward. Frozen weights: the forward
 uses ``frozen_int`` (dequantized with the current scale, so a learnable scale still trains), and their latent value
 is put back after every optimizer step, so neither the gradient nor weight decay moves them. Only sites that are a
 whole parameter can be frozen; the others are tracked without freezing.
@@ -65,24 +67,13 @@ class OscillationState(nn.Module):
 
     @torch.no_grad()
     def update(self, raw_int: torch.Tensor, weight: Optional[torch.Tensor], momentum: float, threshold: float) -> None:
-        """One optimizer step: freezing (when ``threshold > 0``; ``weight`` is then the latent weight), then the
-        reversal statistics."""
-        raw_int = raw_int.float()
-        if threshold > 0:
-            if not bool(self.ema_started):
-                self.ema_int.copy_(raw_int)
-                self.ema_started.fill_(True)
-            hot = self.freq > threshold
-            newly = hot & ~self.frozen
-            self.frozen_weight[newly] = weight[newly]
-            self.frozen |= hot
-            self.frozen_int[hot] = torch.round(self.ema_int[hot])
-            self.ema_int.mul_(1 - momentum).add_(raw_int, alpha=momentum)
-        x_int = torch.where(self.frozen, self.frozen_int, raw_int)
+        """One optimizer step, in the reference code's order: the code the forward uses (``frozen_int`` where frozen,
+        else ``raw_int``), its reversal statistics, then, when ``threshold > 0``, freezing by the frequency just
+        updated at the code EMA from before this step, and the EMA update with this step's code. ``weight`` is the
+        latent weight (needed only when freezing)."""
+        x_int = torch.where(self.frozen, self.frozen_int, raw_int.float())
         if int(self.steps) == 0:
             self.prev_int.copy_(x_int)
-            self.steps += 1
-            return
         delta = torch.round(x_int - self.prev_int)
         direction = torch.sign(delta).to(torch.int8)
         switched = direction != 0
@@ -95,6 +86,16 @@ class OscillationState(nn.Module):
         self.last_reversed.fill_(reversed_.float().mean())
         self.last_flipped.fill_(switched.float().mean())
         self.steps += 1
+        if threshold > 0:
+            if not bool(self.ema_started):
+                self.ema_int.copy_(x_int)
+                self.ema_started.fill_(True)
+            hot = self.freq > threshold
+            newly = hot & ~self.frozen
+            self.frozen_weight[newly] = weight[newly]
+            self.frozen |= hot
+            self.frozen_int[hot] = torch.round(self.ema_int[hot])
+            self.ema_int.mul_(1 - momentum).add_(x_int, alpha=momentum)
 
 
 @side_effect_free   # reads the frozen state only: it may run again when the backward pass recomputes
@@ -206,6 +207,26 @@ class OscillationTracker:
         return {"osc_fraction": sum(r["osc_fraction"] * r["n"] for r in rows) / total,
                 "frozen_fraction": sum(r["frozen_fraction"] * r["n"] for r in rows) / total,
                 "mean_freq": sum(r["mean_freq"] * r["n"] for r in rows) / total}
+
+
+@torch.no_grad()
+def commit_frozen(model: nn.Module) -> int:
+    """Write every frozen weight's code into the weight itself: ``W[frozen] = dequantize(frozen_int)``.
+
+    During training a frozen weight keeps its latent value and the forward substitutes its frozen code; a model that
+    leaves training (a packed checkpoint, ONNX) has no tracker, so the code must be in the weight. On a uniform grid
+    ``quantize(dequantize(k)) = k``, so the model computes what it computed before. Returns the number of weights
+    written."""
+    written = 0
+    for site in iter_weight_sites(model):
+        state = getattr(site.quantizer, "oscillation", None)
+        if state is None or not site.frozen_in_place or not bool(state.frozen.any()):
+            continue
+        weight = site.parameter
+        values = site.quantizer.dequantize(state.frozen_int.to(torch.int32)).to(weight.dtype)
+        weight.data[state.frozen] = values[state.frozen]
+        written += int(state.frozen.sum())
+    return written
 
 
 def cosine_schedule(step: int, total: int, start: float, end: float, begin: float = 0.25,

@@ -105,6 +105,7 @@ def test_qat_end_to_end_and_resume(folder, tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "lsq W4A4" in text and (out / "result.json").exists() and (out / "metrics.csv").exists()
+    assert (out / "model.safetensors").is_file()
     assert main(args) == 2                                   # refuses to overwrite a run
     assert "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0                    # already finished: resumes at the end
@@ -132,18 +133,68 @@ def test_softlabels_then_qat_with_them(folder, tmp_path, capsys):
     assert record["recipe"] == "vvtq" and record["train_overrides"]["soft_labels"] == str(soft)
 
 
-def test_export_packed_then_onnx_from_the_packed_file(folder, tmp_path, capsys):
-    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--calib-images", "4",
-              "--no-progress"]
-    packed = tmp_path / "m.safetensors"
-    assert main(["export", *common, "--recipe", "repq", "--w-bits", "4", "--a-bits", "4", "--out", str(packed)]) == 0
-    assert "repq W4A4 written to" in capsys.readouterr().out and packed.is_file()
+def test_ptq_save_then_export_the_packed_file_to_onnx(folder, tmp_path, capsys):
+    from qvit.data import build_dataset, create_eval_transform, create_loader
+    from qvit.evaluate import evaluate
+    from qvit.export import load_quantized, read_metadata
+    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--no-progress"]
+    packed, res = tmp_path / "m.safetensors", tmp_path / "res.json"
+    assert main(["ptq", *common, "--recipe", "repq", "--w-bits", "4", "--a-bits", "4", "--calib-images", "4",
+                 "--save", str(packed), "--output", str(res)]) == 0
+    assert "packed W4A4 checkpoint written to" in capsys.readouterr().out
+    assert read_metadata(packed)["recipe"] == {"name": "repq", "version": 1, "w_bits": 4, "a_bits": 4}
+    loaded = load_quantized(packed)                # the file names its timm architecture and classes
+    val = build_dataset(folder, "val", create_eval_transform(loaded))
+    assert evaluate(loaded, create_loader(val, batch_size=8), progress=False).top1 == json.loads(
+        res.read_text())["top1"]
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 0
     text = capsys.readouterr().out
     diff = float(text.split("max |logit difference| ")[1].split()[0])
     fused = float(text.split("(ONNX semantics), ")[1].split()[0])
     assert onnx_path.is_file() and diff < 1e-3 and fused < 5e-2
+    again = tmp_path / "again.safetensors"           # qvit format: the same model, the same recipe record
+    assert main(["export", *common, "--quantized", str(packed), "--out", str(again)]) == 0
+    assert read_metadata(again)["recipe"] == read_metadata(packed)["recipe"]
+    with pytest.raises(SystemExit) as exit_:                      # export converts; it does not quantize
+        main(["export", *common, "--recipe", "repq", "--out", str(again)])
+    assert exit_.value.code == 2 and "--quantized" in capsys.readouterr().err
     packed.write_bytes(packed.read_bytes()[:100])
     assert main(["export", *common, "--quantized", str(packed), "--out", str(onnx_path)]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_qat_prints_its_plan_and_writes_a_packed_model_that_exports(folder, tmp_path, capsys):
+    from qvit.export import read_metadata
+    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2"]
+    out = tmp_path / "run"
+    assert main(["qat", *common, "--recipe", "nagel_freeze", "--w-bits", "3", "--a-bits", "3", "--epochs", "3",
+                 "--train-batch-size", "2", "--calib-images", "4", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "qat: 12 optimizer steps (3 epochs of 4 steps, batch 2)" in captured.err
+    assert "s per step, about" in captured.err                          # the ETA, measured on the first steps
+    record = json.loads((out / "result.json").read_text())
+    assert record["packed"] == str(out / "model.safetensors")
+    meta = read_metadata(out / "model.safetensors")
+    assert meta["recipe"] == {"name": "nagel_freeze", "version": 2, "w_bits": 3, "a_bits": 3}
+    assert meta["packed"]["blocks.0.mlp.fc1.weight"]["bits"] == 3
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", *common, "--no-progress", "--quantized", str(out / "model.safetensors"),
+                 "--out", str(onnx_path)]) == 0
+    assert float(capsys.readouterr().out.split("max |logit difference| ")[1].split()[0]) < 1e-3
+
+
+def test_qat_quick_budget_and_the_hint_for_the_published_one(folder, tmp_path, capsys, monkeypatch):
+    import qvit.qat
+    seen = {}
+
+    def fake_quantize_qat(model, recipe, train_set, **kw):
+        seen.update(recipe=recipe, train_overrides=kw["train_overrides"])
+        raise KeyboardInterrupt                              # the plan is all this test needs
+    monkeypatch.setattr(qvit.qat, "quantize_qat", fake_quantize_qat)
+    common = ["--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--no-progress"]
+    assert main(["qat", *common, "--recipe", "ofq", "--budget", "quick"]) == 130
+    assert seen["recipe"].name == "ofq-quick" and seen["recipe"].train["epochs"] == 0.5
+    assert "--budget quick" not in capsys.readouterr().err
+    assert main(["qat", *common, "--recipe", "ofq"]) == 130
+    assert "ofq trains for its published 340 epochs; --budget quick trains 0.5" in capsys.readouterr().err

@@ -23,6 +23,8 @@ from .ptq import quantize_ptq
 from .recipes import list_recipes, load_recipe
 
 DEMO_BITS = (8, 4, 3)
+#: the packed checkpoint of the trained model in a `qvit qat` run directory
+PACKED_NAME = "model.safetensors"
 #: `qvit demo` evaluates on a seeded 3000 of the 10k test images, so that every PTQ recipe at three bit-widths fits
 #: in 10 minutes on 2 cores (evaluation is most of the time).
 DEMO_EVAL_IMAGES = 3000
@@ -48,20 +50,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
+def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False, kind: str = "ptq") -> None:
     g = p.add_argument_group("quantization")
     if multi:
         g.add_argument("--recipes", nargs="+", help="PTQ recipes to run (default: all)")
         g.add_argument("--bits", nargs="+", type=int, default=list(DEMO_BITS),
                        help="bit-widths; each runs as WbAb (default: 8 4 3)")
     else:
-        g.add_argument("--recipe", default="minmax", help="PTQ recipe name or YAML path (see `qvit recipes`)")
+        default = "minmax" if kind == "ptq" else "lsq"
+        g.add_argument("--recipe", default=default, help=f"{kind.upper()} recipe name or YAML path (default: "
+                                                         f"{default}; see `qvit recipes`)")
         g.add_argument("--w-bits", type=int, default=8)
         g.add_argument("--a-bits", type=int, default=8)
+    shorter = ("fewer calibration images and reconstruction/search iterations" if kind == "ptq"
+               else "a fraction of an epoch instead of the published hundreds")
     g.add_argument("--budget", choices=("full", "quick"), default="quick" if multi else "full",
-                   help="the recipes' published budget, or their shorter 'quick' one (fewer calibration images and "
-                        f"reconstruction/search iterations) (default: {'quick' if multi else 'full'})")
-    g.add_argument("--calib-images", type=int, help="calibration images (default: the recipe's, usually 32)")
+                   help=f"the recipes' published budget, or their shorter 'quick' one ({shorter}) "
+                        f"(default: {'quick' if multi else 'full'})")
+    g.add_argument("--calib-images", type=int, help="calibration images (default: the recipe's)")
     g.add_argument("--config", type=Path, help="YAML QuantConfig patch applied on top of the recipe")
 
 
@@ -142,11 +148,24 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     print(f"{args.model} FP32:                {fp}")
     print(f"{args.model} {recipe.name} W{args.w_bits}A{args.a_bits}: {q}  "
           f"(quantized in {seconds:.1f}s on {num} calibration images)")
+    if args.save:
+        _save_packed(qmodel, args.save, recipe, args)
     if args.output:
         _write_json(args.output, dict(model=args.model, recipe=recipe.name, recipe_version=recipe.version,
                                       w_bits=args.w_bits, a_bits=args.a_bits, fp_top1=fp.top1, top1=q.top1,
-                                      top5=q.top5, eval_images=q.n, calib_images=num, seconds=seconds))
+                                      top5=q.top5, eval_images=q.n, calib_images=num, seconds=seconds,
+                                      saved=str(args.save) if args.save else None))
     return 0
+
+
+def _save_packed(qmodel: torch.nn.Module, path: Path, recipe, args: argparse.Namespace) -> Path:
+    """Write ``qmodel`` as a packed low-bit checkpoint that names its recipe and bit-widths; prints where."""
+    from .export import save_quantized
+    path = save_quantized(qmodel, path, recipe={"name": recipe.name, "version": recipe.version,
+                                                "w_bits": args.w_bits, "a_bits": args.a_bits})
+    print(f"packed W{args.w_bits}A{args.a_bits} checkpoint written to {path} ({path.stat().st_size / 1e6:.2f} MB); "
+          f"`qvit export --quantized {path} --out FILE.onnx` converts it")
+    return path
 
 
 def cmd_qat(args: argparse.Namespace) -> int:
@@ -158,6 +177,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
     if recipe.kind != "qat":
         raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe; `qvit qat` runs: "
                          f"{', '.join(list_recipes('qat'))}")
+    if args.budget == "full" and args.epochs is None and recipe.quick:
+        quick = recipe.quick_variant().train
+        print(f"qvit qat: {recipe.name} trains for its published {recipe.train.get('epochs')} epochs; "
+              f"--budget quick trains {quick.get('epochs')} (or set --epochs)", file=sys.stderr)
     train_set = subset(build_dataset(args.data, "train", s.transform), args.train_images, s.seed)
     loader = s.loader(s.eval_set(materialize=True))
     fp = evaluate(s.model, loader, progress=s.progress, desc="eval FP32")
@@ -174,9 +197,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
     print(f"{args.model} FP32:                {fp}")
     print(f"{args.model} {recipe.name} W{args.w_bits}A{args.a_bits}: {q}  ({result['steps']} steps, "
           f"{result['seconds']:.0f}s; run directory {out_dir})")
+    packed = _save_packed(qmodel, Path(out_dir) / PACKED_NAME, recipe, args)
     record = dict(model=args.model, recipe=recipe.name, recipe_version=recipe.version, w_bits=args.w_bits,
                   a_bits=args.a_bits, fp_top1=fp.top1, top1=q.top1, eval_images=q.n, train_overrides=overrides,
-                  **result)
+                  packed=str(packed), **result)
     _write_json(Path(out_dir) / "result.json", record)
     if args.output:
         _write_json(args.output, record)
@@ -187,32 +211,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import load_quantized, save_quantized
     from .export.onnx_export import compare_onnx, export_onnx
     s = _Session(args)
-    if args.quantized is not None:
-        qmodel = load_quantized(args.quantized, s.model if args.checkpoint or args.model != REFERENCE_MODEL else None)
-        label = f"{args.quantized}"
-    else:
-        recipe = _load_recipe(args.recipe, args.budget)
-        if recipe.kind != "ptq":
-            raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe: train it with `qvit qat`, save it, "
-                             "and export the saved file with --quantized")
-        num = args.calib_images or recipe.calibration.get("num_images", 32)
-        calib = s.calib_images(num, recipe.calibration.get("seed", 0))
-        qmodel = quantize_ptq(s.model, recipe, calib, w_bits=args.w_bits, a_bits=args.a_bits,
-                              overrides=_overrides(args), progress=s.progress)
-        label = f"{recipe.name} W{args.w_bits}A{args.a_bits}"
+    qmodel = load_quantized(args.quantized, s.model if args.checkpoint or args.model != REFERENCE_MODEL else None)
     fmt = args.format or ("onnx" if str(args.out).endswith(".onnx") else "qvit")
     example = next(iter(s.loader(subset(s.eval_set(), 8, s.seed))))[0]
     if fmt == "qvit":
-        path = save_quantized(qmodel, args.out, recipe=None if args.quantized else
-                              {"name": recipe.name, "version": recipe.version, "w_bits": args.w_bits,
-                               "a_bits": args.a_bits})
+        path = save_quantized(qmodel, args.out, recipe=qmodel.qvit_packed.get("recipe"))
     else:
         path = export_onnx(qmodel, args.out, example, opset=args.opset, unsigned_weights=args.unsigned_weights)
         diff = compare_onnx(qmodel, path, example)
         fused = compare_onnx(qmodel, path, example, optimize=True)
         print(f"onnxruntime vs PyTorch on {example.shape[0]} images: max |logit difference| {diff:.2e} "
               f"(ONNX semantics), {fused:.2e} (onnxruntime's fused integer kernels)")
-    print(f"{args.model} {label} written to {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB)")
+    print(f"{args.model} {args.quantized} written to {path} ({fmt}, {path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -336,13 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ptq)
     _add_quant_args(ptq)
     ptq.add_argument("--describe", action="store_true", help="print every quantized site")
+    ptq.add_argument("--save", type=Path, help="also write the quantized model as a packed low-bit checkpoint "
+                                               "(.safetensors; `qvit export --quantized` converts it to ONNX)")
     ptq.add_argument("--output", type=Path, help="also write the result as JSON")
     ptq.set_defaults(func=cmd_ptq)
 
     qat = sub.add_parser("qat", help="quantization-aware training with a recipe (lsq, nagel_dampen, ...)")
     _add_model_args(qat)
-    _add_quant_args(qat)
-    qat.set_defaults(recipe="lsq")
+    _add_quant_args(qat, kind="qat")
     t = qat.add_argument_group("training (defaults: the recipe's)")
     t.add_argument("--epochs", type=float, help="the recipe's warm-up, cool-down and late stages scale with it")
     t.add_argument("--lr", type=float)
@@ -351,21 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-images", type=int, help="train on a seeded subset of this many images")
     t.add_argument("--train-seed", type=int, help="seed of the data order and augmentation")
     t.add_argument("--soft-labels", type=Path, help="precomputed multi-crop soft labels (`qvit softlabels`)")
-    t.add_argument("--out", type=Path, help="run directory (default: outputs/qat/<recipe>_w<W>a<A>)")
+    t.add_argument("--out", type=Path, help="run directory (default: outputs/qat/<recipe>_w<W>a<A>); the trained "
+                                            f"model is written there as a packed checkpoint, {PACKED_NAME}")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default: 200; "
                                                         "one is also written at the end of every epoch)")
     qat.add_argument("--output", type=Path, help="also write the result as JSON")
     qat.set_defaults(func=cmd_qat)
 
-    ex = sub.add_parser("export", help="quantize with a PTQ recipe (or load a packed file) and write a packed "
-                                       "low-bit checkpoint or ONNX")
+    ex = sub.add_parser("export", help="convert a packed checkpoint (from `qvit ptq --save` or `qvit qat`) to ONNX, "
+                                       "checked in onnxruntime, or rewrite it")
     _add_model_args(ex)
-    _add_quant_args(ex)
+    ex.add_argument("--quantized", type=Path, required=True,
+                    help="the packed checkpoint: `qvit ptq --save FILE`, or RUN_DIR/" + PACKED_NAME + " of `qvit qat`")
     ex.add_argument("--format", choices=("qvit", "onnx"),
                     help="qvit: packed safetensors checkpoint; onnx: QDQ ONNX (default: from --out's suffix)")
     ex.add_argument("--out", type=Path, required=True, help="file to write (.safetensors or .onnx)")
-    ex.add_argument("--quantized", type=Path, help="start from this packed checkpoint instead of running a recipe")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     ex.add_argument("--unsigned-weights", action="store_true",
                     help="store weight codes as uint8: exact integer arithmetic in onnxruntime on x86 CPUs without "

@@ -1,5 +1,5 @@
 """Quantization-aware training: oscillation tracking and remedies, losses, the training loop."""
-from .oscillation import OscillationState, OscillationTracker, cosine_schedule
+from .oscillation import OscillationState, OscillationTracker, commit_frozen, cosine_schedule
 from .regularizers import bin_regularizer, dampening_loss
 from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
 from .cga import ConfidenceGuidedAnnealing, confidence_mask

@@ -12,12 +12,10 @@ from torch.utils.data import Dataset
 from ..data import calibration_batch
 from ..models.prepare import prepare
 from ..calibration import calibrate
-from ..recipes import Recipe, load_recipe, resolve_by_bits
+from ..recipes import Recipe, load_recipe, patch_training, resolve_by_bits
 from .callbacks import create_callback
+from .oscillation import commit_frozen
 from .trainer import QATTrainer, TrainConfig, copy_teacher
-
-#: settings counted in epochs; they scale with the budget when only ``epochs`` is overridden
-EPOCH_KEYS = ("warmup_epochs", "cooldown_epochs", "last_epochs")
 
 
 def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Dataset, *,
@@ -39,25 +37,10 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     if recipe.kind != "qat":
         raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a QAT one")
     qconfig = recipe.quant_config(w_bits, a_bits, overrides)
-    train = {k: resolve_by_bits(v, qconfig.w_bits) for k, v in recipe.train.items()}
-    patch = dict(train_overrides or {})
-    ratio = 1.0
-    if "epochs" in patch and train.get("epochs"):
-        # a shorter (or longer) budget keeps the recipe's shape: warm-up, cool-down and late stages scale with it
-        ratio = float(patch["epochs"]) / float(train["epochs"])
-        for key in EPOCH_KEYS:
-            if key in train and key not in patch:
-                patch[key] = train[key] * ratio
-    if "batch_size" in patch and "lr" not in patch and train.get("lr") and train.get("batch_size"):
-        patch["lr"] = float(train["lr"]) * float(patch["batch_size"]) / float(train["batch_size"])
-    config = TrainConfig.from_dict({**train, **patch})
-    callbacks = []
-    for name, params in recipe.callbacks:
-        params = {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()}
-        for key in EPOCH_KEYS:
-            if params.get(key) is not None:
-                params[key] = params[key] * ratio
-        callbacks.append(create_callback(name, params))
+    train, recipe_callbacks = patch_training(recipe.train, recipe.callbacks, train_overrides or {})
+    config = TrainConfig.from_dict({k: resolve_by_bits(v, qconfig.w_bits) for k, v in train.items()})
+    callbacks = [create_callback(name, {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()})
+                 for name, params in recipe_callbacks]
     teacher = copy_teacher(model)
     qmodel = prepare(copy.deepcopy(model), qconfig)
     num = int(recipe.calibration.get("num_images", 256))
@@ -66,5 +49,6 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     trainer = QATTrainer(qmodel, teacher, train_set, eval_loader=eval_loader, config=config, callbacks=callbacks,
                          out_dir=Path(out_dir), progress=progress)
     result = trainer.fit(resume=resume)
+    commit_frozen(qmodel)
     qmodel.qvit_recipe = recipe
     return qmodel, result

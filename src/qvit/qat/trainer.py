@@ -161,6 +161,30 @@ def _optimizer(kind: str, groups: List[Dict[str, Any]], lr: float, momentum: flo
     return torch.optim.AdamW(groups, lr=lr)
 
 
+class ETAClock:
+    """The time left in a run, estimated once from the steps after the first few (which include compilation).
+
+    :meth:`tick` after every step returns a line such as ``0.41 s per step, about 17 min for the 2480 steps left``
+    at the step where the estimate is made (``skip + measure`` steps after the start, earlier in a short run), else
+    None."""
+
+    def __init__(self, start_step: int, total_steps: int, skip: int = 2, measure: int = 10) -> None:
+        self.total = total_steps
+        self.t_begin: Optional[float] = None
+        self.begin_step = start_step + skip
+        self.end_step = min(start_step + skip + measure, total_steps - 1)
+
+    def tick(self, step: int) -> Optional[str]:
+        if step == self.begin_step:
+            self.t_begin = time.perf_counter()
+        if step != self.end_step or self.t_begin is None or self.end_step <= self.begin_step:
+            return None
+        per_step = (time.perf_counter() - self.t_begin) / (self.end_step - self.begin_step)
+        left = (self.total - step) * per_step
+        when = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+        return f"{per_step:.2f} s per step, about {when} for the {self.total - step} steps left"
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -395,7 +419,12 @@ class QATTrainer:
             self._tb = None
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="qat", disable=not self.progress,
                    file=sys.stderr)
+        if self.progress:
+            bar.write(f"qat: {self.total_steps} optimizer steps ({cfg.epochs:g} epochs of {self.steps_per_epoch} "
+                      f"steps, batch {cfg.batch_size})"
+                      + (f", resuming after step {self.state.step}" if self.state.step else ""), file=sys.stderr)
         t0 = time.time()
+        eta_clock = ETAClock(self.state.step, self.total_steps)
         running = None
         try:
             while self.state.step < self.total_steps:
@@ -437,6 +466,9 @@ class QATTrainer:
                     running = value if running is None else 0.95 * running + 0.05 * value
                     bar.update(1)
                     bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
+                    estimate = eta_clock.tick(self.state.step)
+                    if estimate and self.progress:
+                        bar.write(f"qat: {estimate}", file=sys.stderr)
                     if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
                         row = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
                                "loss": value, "total_loss": float(total.detach()),

@@ -11,6 +11,8 @@ from ..config import QuantConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent
 KINDS = ("ptq", "qat")
+#: QAT settings counted in epochs (in ``train`` and in callbacks): they scale with the budget when ``epochs`` changes
+EPOCH_KEYS = ("warmup_epochs", "cooldown_epochs", "last_epochs")
 
 
 @dataclass
@@ -98,9 +100,41 @@ class Recipe:
         if missing:
             raise ValueError(f"recipe {self.name!r}: quick patches steps it does not run: {sorted(missing)}")
         steps = [(name, {**params, **(patches.get(name) or {})}) for name, params in self.steps]
+        train, callbacks = patch_training(self.train, self.callbacks, self.quick.get("train") or {})
         return Recipe(name=f"{self.name}-quick", version=self.version, kind=self.kind, description=self.description,
                       config=self.config, calibration={**self.calibration, **(self.quick.get("calibration") or {})},
-                      steps=steps, train={**self.train, **(self.quick.get("train") or {})}, callbacks=self.callbacks)
+                      steps=steps, train=train, callbacks=callbacks)
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    """``value * factor`` for a number, entry by entry for a per-bit table (``{3: 0.01, default: 0.0033}``)."""
+    if isinstance(value, Mapping):
+        return {k: _scaled(v, factor) for k, v in value.items()}
+    return value * factor
+
+
+def patch_training(train: Mapping[str, Any], callbacks: List[Tuple[str, Dict[str, Any]]],
+                   patch: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[Tuple[str, Dict[str, Any]]]]:
+    """A QAT recipe's ``train`` settings and ``callbacks`` with ``patch`` applied, keeping the schedule's shape.
+
+    Changing ``epochs`` scales every other setting counted in epochs (:data:`EPOCH_KEYS`: warm-up, cool-down, a
+    callback's ``last_epochs``) that the patch does not set by the same factor; changing ``batch_size`` without
+    ``lr`` scales ``lr`` linearly with the batch (the rule the recipes' own rates follow). Returns new objects."""
+    train, patch = dict(train), dict(patch)
+    callbacks = [(name, dict(params)) for name, params in callbacks]
+    if "epochs" in patch and train.get("epochs"):
+        ratio = float(patch["epochs"]) / float(train["epochs"])
+        for key in EPOCH_KEYS:
+            if key in train and key not in patch:
+                patch[key] = _scaled(train[key], ratio)
+        for _, params in callbacks:
+            for key in EPOCH_KEYS:
+                if params.get(key) is not None:
+                    params[key] = _scaled(params[key], ratio)
+    if "batch_size" in patch and "lr" not in patch and train.get("lr") and train.get("batch_size"):
+        patch["lr"] = _scaled(train["lr"], float(patch["batch_size"]) / float(train["batch_size"]))
+    train.update(patch)
+    return train, callbacks
 
 
 def resolve_by_bits(value: Any, bits: int) -> Any:

@@ -1,0 +1,125 @@
+"""The QAT peer table: qvit's recipes beside their authors' own code, same model, data, budget and oscillation measure.
+
+    python benchmarks/peers/report.py      # reads the two run files below, writes benchmarks/results/qat_peers.{md,json}
+
+qvit's runs come from ``benchmarks/results/qat_table_long.partial.jsonl`` (``benchmarks/qat_table.py``, W2A2, 8 epochs
+at batch 32 on 10,000 training images, top-1 on 2,000 test images), the authors' from
+``benchmarks/results/qat_peers.partial.jsonl`` (``benchmarks/peers/nagel.py`` and ``benchmarks/peers/ofq.py``, the same
+budget). Oscillation is measured the same way on both sides: qvit's per-weight tracker state (EMA momentum 0.001 of
+integer-code reversals, one update per optimizer step) on the integer codes of each side's own weight quantizers.
+A difference in top-1 counts as within the seed spread when the means differ by no more than the larger of the two
+sides' ranges over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import qvit
+from qvit.models import reference_weights_id
+from qvit.report import load_runs, write_benchmark_record
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+#: (qvit recipe, key prefix of the authors' runs, what the authors' side is)
+PAIRS = (
+    ("lsq", "ofq_peer_lsq", "OFQ's code, LSQ weights and activations (its LSQ baseline)"),
+    ("ofq", "ofq_peer", "OFQ's code: StatsQ, QKR, CGA"),
+    ("nagel_lsq", "nagel_peer_lsq", "Nagel et al.'s code, LSQ baseline"),
+    ("nagel_dampen", "nagel_peer_dampen", "Nagel et al.'s code, dampening"),
+    ("nagel_freeze", "nagel_peer_freeze", "Nagel et al.'s code, iterative freezing"),
+)
+#: (record field, column label, decimals of the percentage)
+MEASURES = (("osc_fraction", "osc. f > 0.005, end (%)", 3), ("repeat_reversal_fraction", ">= 4 reversals (%)", 2),
+            ("window_reversed_fraction", "reversed in steps 2400-2496 (%)", 3))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qvit-runs", type=Path, default=RESULTS / "qat_table_long.partial.jsonl")
+    p.add_argument("--peer-runs", type=Path, default=RESULTS / "qat_peers.partial.jsonl")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--out", type=Path, default=RESULTS / "qat_peers", help="output path without suffix")
+    return p.parse_args(argv)
+
+
+def budget_settings() -> Dict[str, Any]:
+    """The settings both run files record: those of ``qat_table.py --epochs 8 --batch-size 32 --train-images 10000
+    --eval-images 2000`` (its ``bn_epochs`` default included)."""
+    return dict(weights=reference_weights_id(), epochs=8.0, train_images=10000, eval_images=2000, bn_epochs=1.0,
+                batch_size=32)
+
+
+def seed_records(runs: Dict[str, Dict[str, Any]], prefix: str, seeds: Sequence[int],
+                 version: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The runs ``<prefix>/W2A2/seed<s>`` that exist (for qvit, only those of the recipe's current version)."""
+    out = []
+    for s in seeds:
+        rec = runs.get(f"{prefix}/W2A2/seed{s}")
+        if rec is not None and (version is None or rec.get("recipe_version", 1) == version):
+            out.append(rec)
+    return out
+
+
+def cell(recs: List[Dict[str, Any]], field: str, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean (v0 / v1)`` of ``field`` over the seeds that have it; ``-`` where none has."""
+    values = [r[field] * scale for r in recs if r.get(field) is not None]
+    if not values:
+        return "-"
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text + (f" ({' / '.join(f'{v:.{digits}f}' for v in values)})" if len(values) > 1 else "")
+
+
+def verdict(ours: List[Dict[str, Any]], theirs: List[Dict[str, Any]]) -> str:
+    """How the top-1 means compare, against the larger of the two seed ranges."""
+    if not ours or not theirs:
+        return "not run yet"
+    a, b = [r["top1"] for r in ours], [r["top1"] for r in theirs]
+    diff = statistics.mean(a) - statistics.mean(b)
+    spread = max(max(a) - min(a), max(b) - min(b))
+    if len(a) < 2 or len(b) < 2:
+        return f"{diff:+.2f} (one seed only)"
+    if abs(diff) <= spread:
+        return f"{diff:+.2f}: within the seed spread ({spread:.2f})"
+    return f"{diff:+.2f}: {'above' if diff > 0 else 'below'} the seed spread ({spread:.2f})"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = budget_settings()
+    ours_all, theirs_all = load_runs(args.qvit_runs, settings), load_runs(args.peer_runs, settings)
+    header = ["method", "code", "top-1 (%)", "qvit - authors"] + [label for _, label, _ in MEASURES] + ["s / run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
+    for recipe, prefix, who in PAIRS:
+        ours = seed_records(ours_all, recipe, args.seeds, qvit.load_recipe(recipe).version)
+        theirs = seed_records(theirs_all, prefix, args.seeds)
+        v = verdict(ours, theirs)
+        for side, recs, label in (("qvit", ours, f"qvit `{recipe}` v{qvit.load_recipe(recipe).version}"),
+                                  ("authors", theirs, who)):
+            cells = [recipe if side == "qvit" else "", label, cell(recs, "top1"), v if side == "qvit" else ""]
+            cells += [cell(recs, field, 100.0, digits) for field, _, digits in MEASURES]
+            cells.append(cell(recs, "seconds", 1.0, 0))
+            lines.append("| " + " | ".join(cells) + " |")
+        rows.append(dict(recipe=recipe, peer=prefix, qvit=ours, authors=theirs, verdict=v))
+    command = "python benchmarks/peers/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = (f"# QAT beside the authors' code: {qvit.REFERENCE_MODEL} on Fashion-MNIST, W2A2\n\n"
+          f"Command: `{command.strip()}` (the runs: `python benchmarks/qat_table.py --recipes lsq nagel_lsq "
+          "nagel_dampen nagel_freeze ofq --bits 2 --seeds 0 1 --train-images 10000 --epochs 8 --batch-size 32 "
+          "--eval-images 2000 --threads 2 --parts vit --out benchmarks/results/qat_table_long`, "
+          "`python benchmarks/peers/nagel.py --checkout PATH`, `python benchmarks/peers/ofq.py --checkout PATH`)\n\n"
+          "2496 optimizer steps (8 epochs of 10,000 images at batch 32) for every run, seeds "
+          f"{', '.join(map(str, args.seeds))}; values are means with the seeds' values in brackets. Oscillation is "
+          "qvit's tracker on each side's own integer codes, per optimizer step: the fraction of tracked weights whose "
+          "reversal frequency (EMA, momentum 0.001) ends above 0.005, that reversed at least 4 times in the run, and "
+          "that reversed at least once in the last 96 steps.\n\n" + "\n".join(lines) + "\n")
+    write_benchmark_record(args.out, dict(command=command.strip(), settings=settings, seeds=args.seeds, pairs=rows),
+                           md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

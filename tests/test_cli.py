@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+import qvit
 from qvit.cli import main
 from tests.helpers import make_fashion_mnist, make_image_folder
 
@@ -176,7 +177,8 @@ def test_qat_prints_its_plan_and_writes_a_packed_model_that_exports(folder, tmp_
     record = json.loads((out / "result.json").read_text())
     assert record["packed"] == str(out / "model.safetensors")
     meta = read_metadata(out / "model.safetensors")
-    assert meta["recipe"] == {"name": "nagel_freeze", "version": 2, "w_bits": 3, "a_bits": 3}
+    version = qvit.load_recipe("nagel_freeze").version
+    assert meta["recipe"] == {"name": "nagel_freeze", "version": version, "w_bits": 3, "a_bits": 3}
     assert meta["packed"]["blocks.0.mlp.fc1.weight"]["bits"] == 3
     onnx_path = tmp_path / "m.onnx"
     assert main(["export", *common, "--no-progress", "--quantized", str(out / "model.safetensors"),

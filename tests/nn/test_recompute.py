@@ -56,7 +56,10 @@ def _prepared(arch: str, recipe: str = "lsq", **kwargs) -> nn.Module:
                                window_size=4, img_size=32, num_classes=4)
     else:
         fp = timm.create_model(arch, img_size=32, num_classes=4, **kwargs)
-    model = qvit.prepare(fp, load_recipe(recipe).quant_config(3, 3, {"weight": {"init": "minmax"}}))   # fast init
+    recipe = load_recipe(recipe)
+    weight = {k: v for k, v in recipe.config["weight"].items() if k not in ("min_ratio", "margin", "absmax")}
+    recipe.config = {**recipe.config, "weight": {**weight, "init": "minmax"}}                   # fast init
+    model = qvit.prepare(fp, recipe.quant_config(3, 3))
     qvit.calibrate(model, [torch.randn(8, 3, 32, 32)], progress=False)
     return model.train()
 

@@ -1,4 +1,5 @@
 """Every QAT recipe trains end to end on timm's test_vit."""
+import copy
 import json
 
 import pytest
@@ -67,3 +68,36 @@ def test_batch_override_scales_lr_linearly_unless_lr_given(tmp_path):
         _, result = quantize_qat(fp, recipe, _data(8), w_bits=3, a_bits=3, out_dir=tmp_path / str(lr),
                                  progress=False, train_overrides={"epochs": 1, "warmup_epochs": 0, **overrides})
         assert result["config"]["lr"] == pytest.approx(lr) and result["config"]["batch_size"] == 8
+
+
+def test_sequential_calibration_initialises_on_the_quantized_network():
+    from qvit.data import calibration_batch
+    from qvit.qat import initialise_qat
+    fp = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
+    data = _data(16)
+    recipe = load_recipe("nagel_lsq")
+    assert recipe.calibration["sequential"] is True
+    qconfig = recipe.quant_config(2, 2)
+    scales = {}
+    for sequential in (False, True):
+        recipe.calibration = {"num_images": 8, "seed": 0, "sequential": sequential}
+        qmodel = initialise_qat(fp, recipe, data, qconfig, progress=False)
+        scales[sequential] = {n: q.scale.detach() for n, _, q in qvit.iter_quantizers(qmodel)}
+    # the same initialisation by hand: one batch, each site on the quantized outputs of the sites before it
+    ref = qvit.prepare(copy.deepcopy(fp), qconfig)
+    calib, _ = calibration_batch(data, 8, 0)
+    qvit.calibrate(ref, calib, sequential=True, progress=False)
+    expected = {n: q.scale.detach() for n, _, q in qvit.iter_quantizers(ref)}
+    assert set(expected) == set(scales[True])
+    for name in expected:
+        torch.testing.assert_close(scales[True][name], expected[name], rtol=0, atol=0)
+    act = "blocks.0.mlp.fc2.input"
+    assert not torch.allclose(scales[False][act], expected[act], rtol=0.05)
+
+
+def test_a_qat_recipe_rejects_unknown_calibration_keys():
+    from qvit.recipes import Recipe
+    with pytest.raises(ValueError, match="unknown calibration keys"):
+        Recipe.from_dict({"name": "x", "kind": "qat", "calibration": {"sequentail": True}})
+    with pytest.raises(ValueError, match="unknown calibration keys"):
+        Recipe.from_dict({"name": "x", "kind": "ptq", "calibration": {"sequential": True}})

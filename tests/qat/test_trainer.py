@@ -183,3 +183,37 @@ def test_learnable_steps_stay_positive(tmp_path):
                out_dir=tmp_path, progress=False).fit()
     scales = [q.scale for q in model.modules() if isinstance(q, qvit.quantizers.Quantizer) and hasattr(q, "scale")]
     assert scales and all(bool((s >= 1e-5).all()) for s in scales)
+
+
+class _LRProbe(Callback):
+    """Records each optimizer's learning rate as the step about to run uses it."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def after_backward(self, trainer):
+        self.lrs.append(tuple(opt.param_groups[0]["lr"] for opt in trainer.optimizers))
+
+
+def test_an_epoch_wise_cosine_and_a_constant_quantizer_lr(tmp_path):
+    import math
+    model, teacher, data = _setup()
+    probe = _LRProbe()
+    cfg = _config(epochs=4, augment=False, loss="ce", crops=1, schedule_unit="epoch", quant_lr_schedule="constant")
+    QATTrainer(model, teacher, data, config=cfg, out_dir=tmp_path, progress=False, callbacks=[probe]).fit()
+    # 3 steps per epoch; torch's CosineAnnealingLR(T_max=4) stepped at each epoch's end: 0.5 (1 + cos(pi e / 4))
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * (s // 3) / 4)) for s in range(12)]
+    assert [w for w, _ in probe.lrs] == pytest.approx(expected)
+    assert [q for _, q in probe.lrs] == pytest.approx([1e-4] * 12)
+    ref = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, 4)
+    per_epoch = []
+    for _ in range(4):
+        per_epoch.append(ref.param_groups[0]["lr"])
+        ref.step()
+        sched.step()
+    assert per_epoch == pytest.approx(expected[::3])
+    with pytest.raises(ValueError, match="schedule_unit"):
+        TrainConfig(schedule_unit="batch")
+    with pytest.raises(ValueError, match="quant_lr_schedule"):
+        TrainConfig(quant_lr_schedule="linear")

@@ -156,3 +156,33 @@ def test_bad_group_size_is_a_clear_error():
 def test_lsq_without_zero_point_rejects_asymmetric():
     with pytest.raises(ValueError, match="lsq_plus"):
         create_quantizer({"kind": "lsq", "symmetric": False})
+
+
+def test_mse_range_on_the_symmetric_absmax_grid_with_a_margin():
+    from qvit.quantizers.ranges import mse_range
+    cols = torch.tensor([[-0.3], [0.0], [0.2], [1.0]])
+    lo, hi = mse_range(cols, num_candidates=100, min_ratio=0.01, margin=0.5, absmax=True)
+    # Nagel et al.'s grid: k/100 of max|x| + 0.5 = 1.5, symmetric because the data has a negative value
+    k = torch.arange(1, 101, dtype=torch.float32).unsqueeze(1)
+    torch.testing.assert_close(hi, 0.015 * k)
+    torch.testing.assert_close(lo, -0.015 * k)
+    lo, hi = mse_range(cols.abs(), num_candidates=100, min_ratio=0.01, margin=0.5, absmax=True)
+    assert (lo == 0).all()                       # one-sided data keeps zero as its lower end
+    torch.testing.assert_close(hi, 0.015 * k)
+    lo, hi = mse_range(cols, num_candidates=3, margin=0.5)      # without absmax each side widens on its own
+    torch.testing.assert_close(hi[-1], torch.tensor([1.5]))
+    torch.testing.assert_close(lo[-1], torch.tensor([-0.8]))
+    with pytest.raises(ValueError, match="margin"):
+        mse_range(cols, margin=-1.0)
+
+
+def test_mse_init_on_the_absmax_grid_is_the_brute_force_argmin():
+    torch.manual_seed(0)
+    x = torch.randn(4000) ** 3          # heavy tails: the best clip is well inside the range
+    spec = QuantSpec(bits=2, init="mse", options=dict(min_ratio=0.01, margin=0.5, absmax=True))
+    q = create_quantizer(spec).calibrate(x)
+    # by hand: signed 2-bit codes [-2, 1], threshold t = k/100 * (max|x| + 0.5), step t / 1
+    top = float(x.abs().max()) + 0.5
+    errs = [((torch.clamp(torch.round(x / t), -2, 1) * t - x) ** 2).sum() for t in (k * top / 100 for k in range(1, 101))]
+    best = (int(torch.stack(errs).argmin()) + 1) * top / 100
+    assert q.scale.item() == pytest.approx(best, rel=1e-5)

@@ -5,5 +5,5 @@ from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
 from .cga import ConfidenceGuidedAnnealing, confidence_mask
 from .callbacks import Callback, create_callback, list_callbacks, register_callback
 from .trainer import QATTrainer, TrainConfig, copy_teacher
-from .pipeline import quantize_qat
+from .pipeline import initialise_qat, quantize_qat
 from .batchnorm import reestimate_bn

@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from ..config import QuantConfig
 from ..data import calibration_batch
 from ..models.prepare import prepare
 from ..calibration import calibrate
@@ -25,13 +26,13 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
                  progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Quantization-aware training of a copy of ``model`` with a QAT recipe; returns ``(qmodel, result)``.
 
-    The quantizers are initialised on ``calibration.num_images`` training images (seed ``calibration.seed``) with
-    the recipe's range estimators, then trained with the weights. ``train_overrides`` patch the recipe's ``train``
-    settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the recipe's other epoch counts
-    (warm-up, cool-down, a callback's ``last_epochs``) by the same factor, and overriding ``batch_size`` without
-    ``lr`` scales the recipe's ``lr`` linearly with the batch (the rule the recipes' own rates follow). A recipe
-    setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is resolved by the weight bit-width. ``result`` has
-    ``steps``, ``history`` (top-1 per epoch), ``seconds`` and ``config`` (the training settings used).
+    The quantizers are initialised by :func:`initialise_qat`, then train with the weights. ``train_overrides``
+    patch the recipe's ``train`` settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the
+    recipe's other epoch counts (warm-up, cool-down, a callback's ``last_epochs``) by the same factor, and
+    overriding ``batch_size`` without ``lr`` scales the recipe's ``lr`` linearly with the batch (the rule the
+    recipes' own rates follow). A recipe setting given per bit-width (``lr: {3: 0.01, 4: 0.0033}``) is resolved
+    by the weight bit-width. ``result`` has ``steps``, ``history`` (top-1 per epoch), ``seconds`` and ``config``
+    (the training settings used).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.kind != "qat":
@@ -42,13 +43,27 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     callbacks = [create_callback(name, {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()})
                  for name, params in recipe_callbacks]
     teacher = copy_teacher(model)
-    qmodel = prepare(copy.deepcopy(model), qconfig)
-    num = int(recipe.calibration.get("num_images", 256))
-    calib, _ = calibration_batch(train_set, num, int(recipe.calibration.get("seed", 0)))
-    calibrate(qmodel, calib, batch_size=min(64, num), progress=progress)
+    qmodel = initialise_qat(model, recipe, train_set, qconfig, progress=progress)
     trainer = QATTrainer(qmodel, teacher, train_set, eval_loader=eval_loader, config=config, callbacks=callbacks,
                          out_dir=Path(out_dir), progress=progress)
     result = trainer.fit(resume=resume)
     commit_frozen(qmodel)
     qmodel.qvit_recipe = recipe
     return qmodel, result
+
+
+def initialise_qat(model: nn.Module, recipe: Recipe, train_set: Dataset, qconfig: QuantConfig, *,
+                   progress: bool = True) -> nn.Module:
+    """A prepared copy of ``model`` with every quantizer initialised as ``recipe`` says (before any training).
+
+    ``calibration.num_images`` training images (seed ``calibration.seed``) go through the float network, 64 at a
+    time, or with ``calibration.sequential`` as one batch in which each site sees the already-quantized outputs of
+    the sites before it. ``qconfig`` is the recipe's resolved ``QuantConfig`` (``recipe.quant_config(w, a)``).
+    """
+    qmodel = prepare(copy.deepcopy(model), qconfig)
+    num = int(recipe.calibration.get("num_images", 256))
+    calib, _ = calibration_batch(train_set, num, int(recipe.calibration.get("seed", 0)))
+    sequential = bool(recipe.calibration.get("sequential", False))
+    calibrate(qmodel, calib, batch_size=num if sequential else min(64, num), sequential=sequential,
+              progress=progress)
+    return qmodel

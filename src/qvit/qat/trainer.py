@@ -40,6 +40,8 @@ from .multicrop import SoftLabels, apply_crops, random_boxes
 
 LOSSES = ("ce", "kd", "hard_soft")
 OPTIMIZERS = ("adamw", "sgd", "adam")
+SCHEDULE_UNITS = ("step", "epoch")
+QUANT_LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -48,8 +50,12 @@ class TrainConfig:
 
     ``loss``: ``ce`` (labels), ``kd`` (soft cross-entropy against the online FP teacher at ``temperature``) or
     ``hard_soft`` (OFQ: CE + KD). The learning rate warms up linearly for ``warmup_epochs``, follows a cosine to
-    ``min_lr`` and stays there for the last ``cooldown_epochs`` (timm's cool-down; OFQ's CGA stage runs in it). ``quant_lr``/``quant_optimizer``/``quant_weight_decay`` apply to quantizer parameters
-    (step sizes, offsets); ``quant_lr: null`` trains them with the weights' settings.
+    ``min_lr`` and stays there for the last ``cooldown_epochs`` (timm's cool-down; OFQ's CGA stage runs in it).
+    ``schedule_unit: epoch`` moves the cosine once per epoch instead of every step (torch's ``CosineAnnealingLR``
+    stepped at each epoch's end: epoch ``e`` of ``E`` trains at ``0.5 * (1 + cos(pi * e / E))`` of ``lr``, so
+    the last epoch is not at ``min_lr``). ``quant_lr``/``quant_optimizer``/``quant_weight_decay`` apply to
+    quantizer parameters (step sizes, offsets); ``quant_lr: null`` trains them with the weights' settings, and
+    ``quant_lr_schedule: constant`` keeps ``quant_lr`` fixed instead of following the weights' schedule.
     """
 
     epochs: float = 1.0
@@ -58,12 +64,14 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 0.0
     cooldown_epochs: float = 0.0
+    schedule_unit: str = "step"
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.05
     quant_lr: Optional[float] = None
     quant_optimizer: str = "adam"
     quant_weight_decay: float = 0.0
+    quant_lr_schedule: str = "cosine"
     grad_clip: Optional[float] = None
     mixed_precision: str = "no"
     loss: str = "kd"
@@ -87,6 +95,10 @@ class TrainConfig:
             raise ValueError("epochs, batch_size and lr must be positive")
         if self.crops < 1:
             raise ValueError(f"crops must be >= 1, got {self.crops}")
+        if self.schedule_unit not in SCHEDULE_UNITS:
+            raise ValueError(f"schedule_unit must be one of {SCHEDULE_UNITS}, got {self.schedule_unit!r}")
+        if self.quant_lr_schedule not in QUANT_LR_SCHEDULES:
+            raise ValueError(f"quant_lr_schedule must be one of {QUANT_LR_SCHEDULES}, got {self.quant_lr_schedule!r}")
         self.crop_scale = tuple(self.crop_scale)
 
     @classmethod
@@ -263,6 +275,8 @@ class QATTrainer:
                                                                      "weight_decay": cfg.quant_weight_decay}],
                                              cfg.quant_lr, cfg.momentum))
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor) for opt in optimizers]
+        if len(optimizers) > 1 and cfg.quant_lr_schedule == "constant":
+            schedulers[1] = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lambda step: 1.0)
         teacher = teacher.eval() if teacher is not None else None
         for p in (teacher.parameters() if teacher is not None else ()):
             p.requires_grad_(False)
@@ -282,6 +296,9 @@ class QATTrainer:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         t = (step - self.warmup_steps) / max(1, self.total_steps - self.cooldown_steps - self.warmup_steps)
+        if cfg.schedule_unit == "epoch":
+            span = (self.total_steps - self.cooldown_steps - self.warmup_steps) / self.steps_per_epoch
+            t = ((step - self.warmup_steps) // self.steps_per_epoch) / max(1.0, span)
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 

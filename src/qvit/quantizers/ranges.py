@@ -66,9 +66,25 @@ def percentile_range(cols: torch.Tensor, extremes: Optional[Ranges] = None,
 
 @register_range("mse")
 def mse_range(cols: torch.Tensor, extremes: Optional[Ranges] = None, num_candidates: int = 100,
-              min_ratio: float = 0.05) -> Ranges:
-    """Shrink the min-max range by ``num_candidates`` ratios in ``[min_ratio, 1]``, searched by MSE."""
+              min_ratio: float = 0.05, margin: float = 0.0, absmax: bool = False) -> Ranges:
+    """Shrink the min-max range by ``num_candidates`` ratios in ``[min_ratio, 1]``, searched by MSE.
+
+    ``absmax=True`` shrinks the symmetric range ``±max|x|`` instead (``[0, max x]`` for a column with no
+    negative value), and ``margin`` (in the data's units) widens the range before it is shrunk: each side that is
+    not at zero moves out by ``margin``. Nagel et al.'s estimator is ``min_ratio=0.01, margin=0.5, absmax=True``:
+    it searches ``k/100`` of ``max|x| + 0.5`` for ``k = 1..100``.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if not 0 < min_ratio <= 1:
+        raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio}")
     lo, hi = minmax_range(cols, extremes)
+    if absmax:
+        top = torch.maximum(lo.abs(), hi.abs())
+        lo, hi = torch.where(lo < 0, -top, torch.zeros_like(lo)), top
+    if margin:
+        lo = torch.where(lo < 0, lo - margin, lo)
+        hi = torch.where(hi > 0, hi + margin, hi)
     ratios = torch.linspace(min_ratio, 1.0, num_candidates, device=cols.device, dtype=cols.dtype).unsqueeze(1)
     return lo * ratios, hi * ratios
 

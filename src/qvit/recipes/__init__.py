@@ -11,6 +11,8 @@ from ..config import QuantConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent
 KINDS = ("ptq", "qat")
+#: the keys of a recipe's ``calibration`` section, by kind (PTQ recipes set ``sequential`` on their ``calibrate`` step)
+CALIBRATION_KEYS = {"ptq": ("num_images", "seed"), "qat": ("num_images", "seed", "sequential")}
 #: QAT settings counted in epochs (in ``train`` and in callbacks): they scale with the budget when ``epochs`` changes
 EPOCH_KEYS = ("warmup_epochs", "cooldown_epochs", "last_epochs")
 
@@ -25,7 +27,9 @@ class Recipe:
         kind: ``ptq`` or ``qat``.
         description: one line for ``qvit recipes``.
         config: a ``QuantConfig`` patch (``w_bits``/``a_bits`` usually come from the user).
-        calibration: ``num_images`` and ``seed`` of the calibration set.
+        calibration: ``num_images`` and ``seed`` of the calibration set; a QAT recipe also says whether its
+            quantizers initialise ``sequential``-ly (each on the already-quantized outputs of the sites before it,
+            as the ``calibrate`` step's option does in PTQ) or, by default, all on the float network.
         steps: ordered ``(step name, parameters)`` pairs run by the PTQ pipeline.
         train: QAT only: training settings (``qvit.qat.TrainConfig`` keys).
         callbacks: QAT only: ordered ``(callback name, options)`` pairs (``qvit.qat.list_callbacks()``).
@@ -55,6 +59,10 @@ class Recipe:
         kind = data.get("kind", "ptq")
         if kind not in KINDS:
             raise ValueError(f"recipe {data['name']!r}: kind must be one of {KINDS}, got {kind!r}")
+        calib_keys = set(data.get("calibration") or {}) - set(CALIBRATION_KEYS[kind])
+        if calib_keys:
+            raise ValueError(f"recipe {data['name']!r}: unknown calibration keys {sorted(calib_keys)}; "
+                             f"known: {list(CALIBRATION_KEYS[kind])}")
         return cls(name=data["name"], version=int(data.get("version", 1)), kind=kind,
                    description=data.get("description", ""), config=dict(data.get("config") or {}),
                    calibration=dict(data.get("calibration") or {}), steps=_entries(data, "steps"),

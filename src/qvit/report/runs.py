@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 
 def settings_tag(settings: Dict[str, Any]) -> str:
@@ -17,13 +17,14 @@ def settings_tag(settings: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def load_runs(path: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The runs in the JSON-lines file ``path`` recorded under ``settings``, by their ``key``; {} if no file.
+def load_run_history(path: Path, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every run in the JSON-lines file ``path`` recorded under ``settings``, oldest first (a key rerun later, e.g.
+    under a new recipe version, appears once per run); [] if no file.
 
     Runs recorded under other settings are left in the file but not returned; how many is printed.
     """
     path = Path(path)
-    runs: Dict[str, Dict[str, Any]] = {}
+    runs: List[Dict[str, Any]] = []
     stale = 0
     if not path.exists():
         return runs
@@ -36,12 +37,20 @@ def load_runs(path: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]
             print(f"{path}:{number}: unreadable line skipped")
             continue
         if rec.get("settings") == settings:
-            runs[rec["key"]] = rec
+            runs.append(rec)
         else:
             stale += 1
     if stale:
         print(f"{path}: {stale} run(s) recorded under other settings are not reused")
     return runs
+
+
+def load_runs(path: Path, settings: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The newest run of each ``key`` in the JSON-lines file ``path`` recorded under ``settings``; {} if no file.
+
+    Runs recorded under other settings are left in the file but not returned; how many is printed.
+    """
+    return {rec["key"]: rec for rec in load_run_history(path, settings)}
 
 
 def append_run(path: Path, record: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:

@@ -3,6 +3,8 @@ QAT table, with oscillation measured by qvit's tracker on the integer codes of t
 
     python benchmarks/peers/nagel.py --checkout PATH --methods lsq dampen freeze --seeds 0 1
     python benchmarks/peers/nagel.py --checkout PATH --methods freeze --seeds 0 --steps 60 --out /tmp/nagel_smoke
+    python benchmarks/peers/nagel.py --checkout PATH --init    # their initialisation beside qvit's, no training
+    python benchmarks/peers/nagel.py --checkout PATH --clamp-grad inclusive   # their clamp gradient under torch <= 2.12
 
 PATH is a checkout of that repository. Its enumerations need Python <= 3.10 (3.11 rejects their Flag values), so
 run this with a 3.10 environment that has qvit installed (``python3.10 -m venv ENV && ENV/bin/pip install -e .
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -51,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--steps", type=int, help="a shorter schedule of this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clamp-grad", choices=("installed", "inclusive"), default="installed",
+                   help="the gradient of torch.clamp in their quantizers at a bound: as the installed torch computes it "
+                        "(no gradient where the rounded code equals int_min or int_max) or, as in the torch 1.9 their "
+                        "requirements pin, passed at the bounds; 'inclusive' runs are recorded as "
+                        "nagel_peer_inclusive_<method>")
+    p.add_argument("--init", action="store_true", help="only compare the initialisations (top-1 before training, "
+                                                       "step sizes) and write benchmarks/results/qat_peers_init")
     p.add_argument("--out", type=Path, help="records, without suffix (default: benchmarks/results/qat_peers; "
                                             "with --steps: /tmp/qat_peers_smoke)")
     return p.parse_args(argv)
@@ -75,6 +85,43 @@ def import_peer(checkout: Path) -> SimpleNamespace:
     from utils.qat_utils import (CompositeLoss, DampeningLoss, MethodPropagator, UpdateDampeningLossWeighting,
                                  UpdateFreezingThreshold)
     return SimpleNamespace(**{k: v for k, v in locals().items() if k != "checkout"})
+
+
+class _InclusiveClamp(torch.autograd.Function):
+    """``torch.clamp`` whose gradient passes where ``lo <= x <= hi`` (bounds included)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where((x >= ctx.lo) & (x <= ctx.hi), grad, 0.0), None, None
+
+
+class _TorchWithInclusiveClamp:
+    """The ``torch`` module as their quantizer file sees it, with :class:`_InclusiveClamp` as ``clamp``."""
+
+    @staticmethod
+    def clamp(x, lo=None, hi=None, *, min=None, max=None):       # noqa: A002 (torch's keyword names)
+        lo, hi = (min if lo is None else lo), (max if hi is None else hi)
+        if lo is None or hi is None:                 # a one-sided clamp (their step size's lower bound): torch's own
+            return torch.clamp(x, min=lo, max=hi)
+        return _InclusiveClamp.apply(x, lo, hi)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def use_inclusive_clamp() -> None:
+    """Their uniform quantizers clamp the rounded code, ``clamp(round_ste(x / delta), int_min, int_max)``. The installed
+    torch passes no gradient where the code sits on a bound, so at 2 bits only the codes -1 and 0 get a weight gradient;
+    the torch 1.9 of their requirements passed it there. This puts that gradient back without touching their code."""
+    import quantization.quantizers.uniform_quantizers as uq
+    uq.torch = _TorchWithInclusiveClamp()
 
 
 def build_model(peer: SimpleNamespace, fp: nn.Module, bits: int) -> nn.Module:
@@ -126,6 +173,74 @@ def build_model(peer: SimpleNamespace, fp: nn.Module, bits: int) -> nn.Module:
     return PeerViT(copy.deepcopy(fp))
 
 
+def initialised_model(peer: SimpleNamespace, fp: nn.Module, train_set, bits: int, seed: int) -> nn.Module:
+    """Their quantized ViT with ranges estimated as their ``main.py`` does: MSE on one training batch of 128 images
+    (seeded by the run seed), passed with weights and activations quantized, then the step sizes made learnable."""
+    torch.manual_seed(seed)
+    model = build_model(peer, fp, bits)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train_set), generator=gen)[:BATCH_AT_LR].tolist()
+    est = torch.stack([train_set[i][0] for i in idx])
+    peer.pass_data_for_range_estimation(loader=[(est, None)], model=model, act_quant=True, weight_quant=True,
+                                        max_num_batches=1)
+    config = peer.DotDict(qat=peer.DotDict(grad_scaling=False), quant=peer.DotDict(weight_quant=True, act_quant=True))
+    peer.set_range_estimators(config, model)
+    return model
+
+
+def peer_step_size(peer_model: nn.Module, site: str) -> Optional[float]:
+    """The step size of their quantizer at qvit's ``site`` (``blocks.0.attn.qkv.weight``, ``blocks.0.attn.probs``
+    ...), or None where they leave the site in float."""
+    prefix, slot = site.rsplit(".", 1)
+    modules = dict(peer_model.named_modules())
+    if slot in ("q", "k", "v", "probs"):
+        manager = modules[f"vit.{prefix}.{slot}_act"].activation_quantizer
+    else:
+        layer = modules[f"vit.{prefix}"]
+        manager = layer.weight_quantizer if slot == "weight" else layer.activation_quantizer
+    quantizer = getattr(manager, "quantizer", None)
+    return None if quantizer is None else float(quantizer.delta)
+
+
+def float_calibration(recipe):
+    """``recipe`` with qvit's calibration on the float network and its default MSE grid (the ``nagel_*`` recipes
+    before they followed the reference's sequential estimation)."""
+    import copy as _copy
+    variant = _copy.deepcopy(recipe)
+    variant.calibration = {**variant.calibration, "sequential": False}
+    for part in ("weight", "activation"):
+        for key in ("min_ratio", "margin", "absmax"):
+            variant.config[part].pop(key, None)
+    return variant
+
+
+def init_report(peer: SimpleNamespace, args: argparse.Namespace, data) -> Dict[str, Any]:
+    """Top-1 before training of their initialised model and of qvit's ``nagel_lsq`` (its initialisation, then
+    qvit's calibration on the float network), with the largest step-size difference from theirs over every site."""
+    import qvit
+    from qvit.qat import initialise_qat
+    fp, train_set, eval_batches = data
+    theirs = initialised_model(peer, fp, train_set, args.bits, seed=0)
+    rows = [dict(side="authors", label="Nagel et al.'s code (sequential MSE on one batch of 128)",
+                 top1=common.evaluate_top1(theirs, eval_batches))]
+    recipe = qvit.load_recipe("nagel_lsq")
+    for label, rec in ((f"qvit `nagel_lsq` v{recipe.version}", recipe),
+                       ("qvit, calibration on the float network (earlier `nagel_*` versions)", float_calibration(recipe))):
+        ours = initialise_qat(fp, rec, train_set, rec.quant_config(args.bits, args.bits), progress=False)
+        diffs = {}
+        for site, _, q in qvit.iter_quantizers(ours):
+            step = peer_step_size(theirs, site)
+            if step is not None and q.enabled:
+                diffs[site] = abs(float(q.scale.reshape(-1)[0]) - step) / step
+        worst = max(diffs, key=diffs.get)
+        first = next((site for site, d in diffs.items() if d >= 1e-4), None)      # in module (forward) order
+        rows.append(dict(side="qvit", label=label, top1=common.evaluate_top1(ours, eval_batches),
+                         sites=len(diffs), same_sites=sum(d < 1e-4 for d in diffs.values()),
+                         median_step_rel_diff=statistics.median(diffs.values()),
+                         max_step_rel_diff=diffs[worst], worst_site=worst, first_different_site=first))
+    return dict(bits=args.bits, rows=rows)
+
+
 def weight_layers(peer: SimpleNamespace, model: nn.Module, max_bits: int = 4) -> Dict[str, nn.Module]:
     """Their hijacked layers whose weights have at most ``max_bits`` bits (their tracker's rule)."""
     return {name: m for name, m in model.named_modules()
@@ -143,15 +258,7 @@ def integer_codes(layers: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
 def run(peer: SimpleNamespace, method: str, seed: int, args: argparse.Namespace, data) -> Dict[str, Any]:
     fp, train_set, eval_batches = data
     settings = SETTINGS[method]
-    torch.manual_seed(seed)
-    model = build_model(peer, fp, args.bits)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train_set), generator=gen)[:BATCH_AT_LR].tolist()
-    est = torch.stack([train_set[i][0] for i in idx])
-    peer.pass_data_for_range_estimation(loader=[(est, None)], model=model, act_quant=True, weight_quant=True,
-                                        max_num_batches=1)
-    config = peer.DotDict(qat=peer.DotDict(grad_scaling=False), quant=peer.DotDict(weight_quant=True, act_quant=True))
-    peer.set_range_estimators(config, model)
+    model = initialised_model(peer, fp, train_set, args.bits, seed)
     quant_params, model_params, _ = peer.separate_quantized_model_params(model)
     epochs = common.EPOCHS
     steps_per_epoch = len(train_set) // common.BATCH
@@ -196,7 +303,7 @@ def run(peer: SimpleNamespace, method: str, seed: int, args: argparse.Namespace,
         tracker.step(integer_codes(layers))
         progress(step, float(loss))
     top1 = common.evaluate_top1(model, eval_batches)
-    rec = dict(key=f"nagel_peer_{method}/W{args.bits}A{args.bits}/seed{seed}", method=method, bits=args.bits,
+    rec = dict(key=run_key(method, seed, args), method=method, bits=args.bits, clamp_grad=args.clamp_grad,
                seed=seed, top1=top1, steps=total, seconds=progress.seconds, **tracker.summary())
     if "freeze" in settings:
         frozen = sum(int(t.frozen.sum()) for n, t in trackers.items() if t.frozen is not None)
@@ -204,16 +311,47 @@ def run(peer: SimpleNamespace, method: str, seed: int, args: argparse.Namespace,
     return rec
 
 
+def write_init_report(report: Dict[str, Any], args: argparse.Namespace) -> None:
+    from qvit.report import write_benchmark_record
+    command = "python benchmarks/peers/nagel.py --checkout PATH --init" + (f" --bits {args.bits}" if args.bits != 2 else "")
+    lines = ["| initialisation | top-1 before training (%) | sites compared | step size equal to theirs (within "
+             "0.01 %) | first site that differs | median step-size difference | largest |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if r["side"] == "qvit":
+            cells = [str(r["sites"]), str(r["same_sites"]), f"`{r['first_different_site']}`",
+                     f"{100 * r['median_step_rel_diff']:.2g} %",
+                     f"{100 * r['max_step_rel_diff']:.2g} % (`{r['worst_site']}`)"]
+        else:
+            cells = [""] * 5
+        lines.append(f"| {r['label']} | {r['top1']:.2f} | " + " | ".join(cells) + " |")
+    md = (f"# Nagel et al.'s initialisation beside qvit's: the reference model at W{args.bits}A{args.bits}\n\n"
+          f"Command: `{command}`\n\nTop-1 on the 2,000 evaluation images of the QAT table after the quantizers are "
+          "initialised and before any training step; the step-size difference is |s_qvit - s_authors| / s_authors at "
+          "each quantized site both sides have (weights, layer inputs, q, k, v and attention probabilities).\n\n" + "\n".join(lines) + "\n")
+    write_benchmark_record(common.RESULTS / "qat_peers_init", dict(command=command, **report), md)
+    print(md)
+
+
+def run_key(method: str, seed: int, args: argparse.Namespace) -> str:
+    tag = "_inclusive" if args.clamp_grad == "inclusive" else ""
+    return f"nagel_peer{tag}_{method}/W{args.bits}A{args.bits}/seed{seed}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or (Path("/tmp/qat_peers_smoke") if args.steps else common.RESULTS / "qat_peers")
     peer = import_peer(args.checkout)
+    if args.clamp_grad == "inclusive":
+        use_inclusive_clamp()
     data = common.reference_data()
+    if args.init:
+        write_init_report(init_report(peer, args, data), args)
+        return 0
     done = common.done_runs(out, args.steps)
     for method in args.methods:
         for seed in args.seeds:
-            key = f"nagel_peer_{method}/W{args.bits}A{args.bits}/seed{seed}"
+            key = run_key(method, seed, args)
             if key in done:
                 continue
             rec = run(peer, method, seed, args, data)

@@ -20,17 +20,24 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import qvit
 from qvit.models import reference_weights_id
-from qvit.report import load_runs, write_benchmark_record
+from qvit.report import load_run_history, write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-#: (qvit recipe, key prefix of the authors' runs, what the authors' side is)
+#: (qvit recipe, [(key prefix of the authors' runs, what the authors' side is)])
 PAIRS = (
-    ("lsq", "ofq_peer_lsq", "OFQ's code, LSQ weights and activations (its LSQ baseline)"),
-    ("ofq", "ofq_peer", "OFQ's code: StatsQ, QKR, CGA"),
-    ("nagel_lsq", "nagel_peer_lsq", "Nagel et al.'s code, LSQ baseline"),
-    ("nagel_dampen", "nagel_peer_dampen", "Nagel et al.'s code, dampening"),
-    ("nagel_freeze", "nagel_peer_freeze", "Nagel et al.'s code, iterative freezing"),
-)
+    ("lsq", [("ofq_peer_lsq", "OFQ's code, LSQ weights and activations (its LSQ baseline)")]),
+    ("ofq", [("ofq_peer", "OFQ's code: StatsQ, QKR, CGA")]),
+) + tuple(
+    (f"nagel_{m}", [(f"nagel_peer_{m}", f"Nagel et al.'s code, {what}, installed torch's clamp gradient"),
+                    (f"nagel_peer_inclusive_{m}", f"Nagel et al.'s code, {what}, clamp gradient of torch <= 2.12")])
+    for m, what in (("lsq", "LSQ baseline"), ("dampen", "dampening"), ("freeze", "iterative freezing")))
+#: earlier qvit recipe versions shown beside the current one, with what set them apart
+EARLIER_VERSIONS = {
+    ("nagel_lsq", 1): "calibrated on the float network",
+    ("nagel_dampen", 1): "calibrated on the float network",
+    ("nagel_dampen", 2): "the reference's initialisation, qvit's per-step cosine for weights and step sizes",
+    ("nagel_freeze", 2): "calibrated on the float network",
+}
 #: (record field, column label, decimals of the percentage)
 MEASURES = (("osc_fraction", "osc. f > 0.005, end (%)", 3), ("repeat_reversal_fraction", ">= 4 reversals (%)", 2),
             ("window_reversed_fraction", "reversed in steps 2400-2496 (%)", 3))
@@ -52,15 +59,12 @@ def budget_settings() -> Dict[str, Any]:
                 batch_size=32)
 
 
-def seed_records(runs: Dict[str, Dict[str, Any]], prefix: str, seeds: Sequence[int],
+def seed_records(history: List[Dict[str, Any]], prefix: str, seeds: Sequence[int],
                  version: Optional[int] = None) -> List[Dict[str, Any]]:
-    """The runs ``<prefix>/W2A2/seed<s>`` that exist (for qvit, only those of the recipe's current version)."""
-    out = []
-    for s in seeds:
-        rec = runs.get(f"{prefix}/W2A2/seed{s}")
-        if rec is not None and (version is None or rec.get("recipe_version", 1) == version):
-            out.append(rec)
-    return out
+    """The newest run ``<prefix>/W2A2/seed<s>`` of each seed (for qvit, of the recipe version ``version``)."""
+    newest = {rec["key"]: rec for rec in history
+              if version is None or rec.get("recipe_version", 1) == version}
+    return [newest[f"{prefix}/W2A2/seed{s}"] for s in seeds if f"{prefix}/W2A2/seed{s}" in newest]
 
 
 def cell(recs: List[Dict[str, Any]], field: str, scale: float = 1.0, digits: int = 2) -> str:
@@ -89,32 +93,52 @@ def verdict(ours: List[Dict[str, Any]], theirs: List[Dict[str, Any]]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = budget_settings()
-    ours_all, theirs_all = load_runs(args.qvit_runs, settings), load_runs(args.peer_runs, settings)
-    header = ["method", "code", "top-1 (%)", "qvit - authors"] + [label for _, label, _ in MEASURES] + ["s / run"]
+    ours_all, theirs_all = load_run_history(args.qvit_runs, settings), load_run_history(args.peer_runs, settings)
+    header = ["method", "code", "top-1 (%)", "qvit - authors (top-1)"] + [label for _, label, _ in MEASURES] + ["s / run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
-    for recipe, prefix, who in PAIRS:
-        ours = seed_records(ours_all, recipe, args.seeds, qvit.load_recipe(recipe).version)
-        theirs = seed_records(theirs_all, prefix, args.seeds)
-        v = verdict(ours, theirs)
-        for side, recs, label in (("qvit", ours, f"qvit `{recipe}` v{qvit.load_recipe(recipe).version}"),
-                                  ("authors", theirs, who)):
-            cells = [recipe if side == "qvit" else "", label, cell(recs, "top1"), v if side == "qvit" else ""]
+    for recipe, peers in PAIRS:
+        version = qvit.load_recipe(recipe).version
+        ours = seed_records(ours_all, recipe, args.seeds, version)
+        sides = [("qvit", ours, f"qvit `{recipe}` v{version}", "")]
+        authors = {}
+        for prefix, who in peers:
+            theirs = seed_records(theirs_all, prefix, args.seeds)
+            if theirs or prefix == peers[0][0]:
+                authors[prefix] = dict(runs=theirs, verdict=verdict(ours, theirs))
+                sides.append(("authors", theirs, who, authors[prefix]["verdict"]))
+        earlier = {}
+        for (name, old), what in EARLIER_VERSIONS.items():
+            recs = seed_records(ours_all, recipe, args.seeds, old) if name == recipe else []
+            if recs:
+                earlier[old] = recs
+                sides.append(("earlier", recs, f"qvit `{recipe}` v{old} ({what})", ""))
+        for side, recs, label, vs in sides:
+            cells = [recipe if side == "qvit" else "", label, cell(recs, "top1"), vs]
             cells += [cell(recs, field, 100.0, digits) for field, _, digits in MEASURES]
             cells.append(cell(recs, "seconds", 1.0, 0))
             lines.append("| " + " | ".join(cells) + " |")
-        rows.append(dict(recipe=recipe, peer=prefix, qvit=ours, authors=theirs, verdict=v))
+        rows.append(dict(recipe=recipe, qvit=ours, authors=authors,
+                         earlier={str(k): recs for k, recs in earlier.items()}))
+    init_md = ""
+    init_path = args.out.parent / "qat_peers_init.md"
+    if init_path.exists():      # benchmarks/peers/nagel.py --init: the initialisations before training
+        table = [line for line in init_path.read_text().splitlines() if line.startswith("|")]
+        init_md = ("\n## Initialisation (`python benchmarks/peers/nagel.py --checkout PATH --init`)\n\n"
+                   "Top-1 before the first training step, and how qvit's step sizes compare with Nagel et al.'s "
+                   "(`benchmarks/results/qat_peers_init.md`):\n\n" + "\n".join(table) + "\n")
     command = "python benchmarks/peers/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = (f"# QAT beside the authors' code: {qvit.REFERENCE_MODEL} on Fashion-MNIST, W2A2\n\n"
           f"Command: `{command.strip()}` (the runs: `python benchmarks/qat_table.py --recipes lsq nagel_lsq "
           "nagel_dampen nagel_freeze ofq --bits 2 --seeds 0 1 --train-images 10000 --epochs 8 --batch-size 32 "
           "--eval-images 2000 --threads 2 --parts vit --out benchmarks/results/qat_table_long`, "
-          "`python benchmarks/peers/nagel.py --checkout PATH`, `python benchmarks/peers/ofq.py --checkout PATH`)\n\n"
+          "`python benchmarks/peers/nagel.py --checkout PATH [--clamp-grad inclusive]`, "
+          "`python benchmarks/peers/ofq.py --checkout PATH`)\n\n"
           "2496 optimizer steps (8 epochs of 10,000 images at batch 32) for every run, seeds "
           f"{', '.join(map(str, args.seeds))}; values are means with the seeds' values in brackets. Oscillation is "
           "qvit's tracker on each side's own integer codes, per optimizer step: the fraction of tracked weights whose "
           "reversal frequency (EMA, momentum 0.001) ends above 0.005, that reversed at least 4 times in the run, and "
-          "that reversed at least once in the last 96 steps.\n\n" + "\n".join(lines) + "\n")
+          "that reversed at least once in the last 96 steps.\n\n" + "\n".join(lines) + "\n" + init_md)
     write_benchmark_record(args.out, dict(command=command.strip(), settings=settings, seeds=args.seeds, pairs=rows),
                            md)
     print(md)

@@ -188,11 +188,10 @@ def initialised_model(peer: SimpleNamespace, fp: nn.Module, train_set, bits: int
     return model
 
 
-def peer_step_size(peer_model: nn.Module, site: str) -> Optional[float]:
+def peer_step_size(modules: Dict[str, nn.Module], site: str) -> Optional[float]:
     """The step size of their quantizer at qvit's ``site`` (``blocks.0.attn.qkv.weight``, ``blocks.0.attn.probs``
-    ...), or None where they leave the site in float."""
+    ...) among their model's ``named_modules()``, or None where they leave the site in float."""
     prefix, slot = site.rsplit(".", 1)
-    modules = dict(peer_model.named_modules())
     if slot in ("q", "k", "v", "probs"):
         manager = modules[f"vit.{prefix}.{slot}_act"].activation_quantizer
     else:
@@ -205,8 +204,7 @@ def peer_step_size(peer_model: nn.Module, site: str) -> Optional[float]:
 def float_calibration(recipe):
     """``recipe`` with qvit's calibration on the float network and its default MSE grid (the ``nagel_*`` recipes
     before they followed the reference's sequential estimation)."""
-    import copy as _copy
-    variant = _copy.deepcopy(recipe)
+    variant = copy.deepcopy(recipe)
     variant.calibration = {**variant.calibration, "sequential": False}
     for part in ("weight", "activation"):
         for key in ("min_ratio", "margin", "absmax"):
@@ -221,6 +219,7 @@ def init_report(peer: SimpleNamespace, args: argparse.Namespace, data) -> Dict[s
     from qvit.qat import initialise_qat
     fp, train_set, eval_batches = data
     theirs = initialised_model(peer, fp, train_set, args.bits, seed=0)
+    their_modules = dict(theirs.named_modules())
     rows = [dict(side="authors", label="Nagel et al.'s code (sequential MSE on one batch of 128)",
                  top1=common.evaluate_top1(theirs, eval_batches))]
     recipe = qvit.load_recipe("nagel_lsq")
@@ -229,7 +228,7 @@ def init_report(peer: SimpleNamespace, args: argparse.Namespace, data) -> Dict[s
         ours = initialise_qat(fp, rec, train_set, rec.quant_config(args.bits, args.bits), progress=False)
         diffs = {}
         for site, _, q in qvit.iter_quantizers(ours):
-            step = peer_step_size(theirs, site)
+            step = peer_step_size(their_modules, site)
             if step is not None and q.enabled:
                 diffs[site] = abs(float(q.scale.reshape(-1)[0]) - step) / step
         worst = max(diffs, key=diffs.get)

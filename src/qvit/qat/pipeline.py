@@ -64,6 +64,5 @@ def initialise_qat(model: nn.Module, recipe: Recipe, train_set: Dataset, qconfig
     num = int(recipe.calibration.get("num_images", 256))
     calib, _ = calibration_batch(train_set, num, int(recipe.calibration.get("seed", 0)))
     sequential = bool(recipe.calibration.get("sequential", False))
-    calibrate(qmodel, calib, batch_size=num if sequential else min(64, num), sequential=sequential,
-              progress=progress)
+    calibrate(qmodel, calib, batch_size=min(64, num), sequential=sequential, progress=progress)
     return qmodel

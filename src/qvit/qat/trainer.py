@@ -295,10 +295,10 @@ class QATTrainer:
         cfg = self.config
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.total_steps - self.cooldown_steps - self.warmup_steps)
-        if cfg.schedule_unit == "epoch":
-            span = (self.total_steps - self.cooldown_steps - self.warmup_steps) / self.steps_per_epoch
-            t = ((step - self.warmup_steps) // self.steps_per_epoch) / max(1.0, span)
+        done, span = step - self.warmup_steps, self.total_steps - self.cooldown_steps - self.warmup_steps
+        if cfg.schedule_unit == "epoch":          # whole epochs done, of the epochs the cosine spans
+            done, span = done // self.steps_per_epoch, span / self.steps_per_epoch
+        t = done / max(1, span)
         floor = cfg.min_lr / cfg.lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 

@@ -56,6 +56,36 @@ def test_lsq_plus_offset_gradient_and_init():
     torch.testing.assert_close(q.dequantize(q.quantize(x)), q(x))
 
 
+def test_lsq_plus_lsq_init_centres_the_grid_on_signed_data():
+    x = torch.tensor([-1.0, -0.5, 0.5, 2.0])                     # mean|x| = 1
+    q = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "init": "lsq"}).calibrate(x)
+    # signed 2-bit LSQ: s = 2 * 1 / sqrt(1), codes 0..3 stand for -2..1 steps
+    assert q.signed and q.scale.item() == pytest.approx(2.0) and q.offset.item() == pytest.approx(-4.0)
+    torch.testing.assert_close(q(torch.tensor([-5.0, -1.2, 0.9, 3.5])), torch.tensor([-4.0, -2.0, 0.0, 2.0]))
+    # unsigned data (or signed: false) keeps LSQ's unsigned grid: s = 2 * mean|x| / sqrt(3), no offset
+    u = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "init": "lsq"})
+    u.calibrate(torch.tensor([0.0, 0.5, 1.0, 2.5]))
+    assert not u.signed and u.offset.item() == 0.0 and u.scale.item() == pytest.approx(2 / math.sqrt(3))
+    f = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "init": "lsq", "signed": False})
+    assert f.calibrate(x).offset.item() == 0.0
+
+
+def test_lsq_init_factors_are_options():
+    x = torch.tensor([0.0, 0.5, 1.0, 2.5])                       # unsigned, mean|x| = 1
+    u = create_quantizer({"kind": "lsq", "bits": 2, "signed": False, "init": "lsq", "unsigned_factor": 4})
+    assert u.calibrate(x).scale.item() == pytest.approx(4 / math.sqrt(3))          # OFQ's unsigned init
+    p = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "init": "lsq", "unsigned_factor": 4})
+    assert p.calibrate(x).scale.item() == pytest.approx(4 / math.sqrt(3)) and p.offset.item() == 0.0
+    s = create_quantizer({"kind": "lsq_plus", "bits": 3, "symmetric": False, "init": "lsq", "factor": 3,
+                          "unsigned_factor": 4}).calibrate(-x)   # signed data: factor, Qp = 3
+    assert s.scale.item() == pytest.approx(3 / math.sqrt(3)) and s.offset.item() == pytest.approx(-4 * s.scale.item())
+    assert create_quantizer(s.config()).init_options == {"factor": 3.0, "unsigned_factor": 4.0}
+    with pytest.raises(TypeError, match="unsigned_factor"):
+        create_quantizer({"kind": "lsq", "bits": 2, "init": "lsq", "min_ratio": 0.1})
+    with pytest.raises(ValueError, match="positive"):
+        create_quantizer({"kind": "lsq", "bits": 2, "init": "lsq", "factor": 0})
+
+
 @pytest.mark.parametrize("offset_grad, factor", [("scaled", 1 / math.sqrt(3 * 3)), ("unscaled", 1.0)])
 def test_lsq_plus_offset_gradient_scaling_is_an_option(offset_grad, factor):
     q = create_quantizer({"kind": "lsq_plus", "bits": 2, "symmetric": False, "offset_grad": offset_grad})

@@ -15,6 +15,8 @@ from .uniform import UniformQuantizer
 GRAD_SCALES = ("lsq", "vvtq_weight", "vvtq_act", "none")
 #: how LSQ+'s offset gradient is scaled: by the step size's factor ``g``, or not at all (VVTQ's code)
 OFFSET_GRADS = ("scaled", "unscaled")
+#: options of ``init="lsq"``: the factor of mean|x| in the initial step, for signed and for unsigned grids
+LSQ_INIT_OPTIONS = ("factor", "unsigned_factor")
 
 
 @register_quantizer("lsq")
@@ -29,7 +31,8 @@ class LSQQuantizer(UniformQuantizer):
     * ``vvtq_act``: ``1 / (sqrt(N) * Qp)`` (VVTQ's activation scaling);
     * ``none``: 1, or a float for a fixed factor.
 
-    ``init="lsq"`` sets ``s = 2 * mean|x| / sqrt(Qp)``; ``minmax``/``percentile``/``mse`` use ranges.
+    ``init="lsq"`` sets ``s = 2 * mean|x| / sqrt(Qp)`` (options ``factor``, the 2, and ``unsigned_factor``, the
+    factor for an unsigned grid: OFQ's code uses 4); ``minmax``/``percentile``/``mse`` use ranges.
     """
 
     def __init__(self, bits: int = 8, *, init: str = "lsq", grad_scale: Union[str, float] = "lsq",
@@ -46,17 +49,29 @@ class LSQQuantizer(UniformQuantizer):
 
     def _check_init_options(self, init, options):
         if init == "lsq":
-            if options:
-                raise TypeError(f"{type(self).__name__}: unexpected options {sorted(options)}")
-            return {}
+            unknown = set(options) - set(LSQ_INIT_OPTIONS)
+            if unknown:
+                raise TypeError(f"{type(self).__name__}: unexpected options {sorted(unknown)} "
+                                f"(init='lsq' accepts {list(LSQ_INIT_OPTIONS)})")
+            for key, value in options.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"{type(self).__name__}: {key} must be a positive number, got {value!r}")
+            return {k: float(v) for k, v in options.items()}
         return super()._check_init_options(init, options)
+
+    def lsq_init_step(self, cols: torch.Tensor, qmax: int, unsigned: bool) -> torch.Tensor:
+        """LSQ's initial step ``factor * mean|x| / sqrt(qmax)`` per column of ``cols`` ``[rows, columns]``, with
+        ``factor`` (default 2, Esser et al.) or, for an unsigned grid, ``unsigned_factor`` (default ``factor``)."""
+        factor = self.init_options.get("factor", 2.0)
+        if unsigned:
+            factor = self.init_options.get("unsigned_factor", factor)
+        return (factor * cols.abs().mean(0) / math.sqrt(qmax)).clamp(min=MIN_SCALE)
 
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         if self.init != "lsq":
             return super()._init_from_columns(cols)
-        qmax = self.code_range()[1]
-        mean_abs = cols.abs().mean(0)
-        scale = (2 * mean_abs / math.sqrt(qmax)).clamp(min=MIN_SCALE)
+        qmin, qmax = self.code_range()
+        scale = self.lsq_init_step(cols, qmax, unsigned=qmin == 0)
         self.set_params(scale, torch.zeros_like(scale))
 
     def grad_factor(self, x: torch.Tensor) -> Union[float, torch.Tensor]:
@@ -100,7 +115,12 @@ class LSQPlusQuantizer(LSQQuantizer):
     range and ``0`` inside; ``offset_grad="scaled"`` multiplies it by the step size's factor ``g`` (a second
     quantizer parameter summing as many per-element terms as the step), ``"unscaled"`` leaves it as it is
     (VVTQ's ``QuantAct``, whose offset is added outside the gradient-scaled step). Initialised from a range
-    (default ``minmax``): ``s = (hi - lo) / (Qp - Qn)`` and ``beta = lo - Qn * s``.
+    (default ``minmax``): ``s = (hi - lo) / (Qp - Qn)`` and ``beta = lo - Qn * s``; or with ``init="lsq"`` as
+    LSQ would quantize the data (the factor 2 set by ``factor`` and ``unsigned_factor`` as for LSQ): unsigned
+    data ``s = 2 * mean|x| / sqrt(2^b - 1)``, ``beta = 0``; signed data
+    (``signed`` set, or negative values observed) the grid centred on zero as in signed LSQ,
+    ``s = 2 * mean|x| / sqrt(2^(b-1) - 1)``, ``beta = -2^(b-1) * s`` (codes ``0 .. 2^b - 1`` stand for
+    ``-2^(b-1) .. 2^(b-1) - 1`` steps).
     """
 
     def __init__(self, bits: int = 8, *, init: str = "minmax", offset_grad: str = "scaled", **kwargs) -> None:
@@ -113,8 +133,14 @@ class LSQPlusQuantizer(LSQQuantizer):
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         qmin, qmax = self.code_range()
         if self.init == "lsq":
-            super()._init_from_columns(cols)
-            set_tensor(self, "offset", torch.zeros_like(self.scale))
+            if not self.signed:
+                super()._init_from_columns(cols)
+                set_tensor(self, "offset", torch.zeros_like(self.scale))
+                return
+            half = 1 << (self.bits - 1)
+            scale = self.lsq_init_step(cols, half - 1, unsigned=False)
+            self.set_params(scale, torch.zeros_like(scale))
+            set_tensor(self, "offset", -half * scale)
             return
         from .ranges import select_by_error
         lo, hi = select_by_error(cols, *self.candidate_ranges(cols), self._error_offset)

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(no gradient where the rounded code equals int_min or int_max) or, as in the torch 1.9 their "
                         "requirements pin, passed at the bounds; 'inclusive' runs are recorded as "
                         "nagel_peer_inclusive_<method>")
+    p.add_argument("--weight-decay", type=float,
+                   help="the weights' SGD weight decay instead of the method's (2.5e-5; 5e-5 when freezing); such runs "
+                        "are recorded as <key>_wd<value>")
     p.add_argument("--init", action="store_true", help="only compare the initialisations (top-1 before training, "
                                                        "step sizes) and write benchmarks/results/qat_peers_init")
     p.add_argument("--out", type=Path, help="records, without suffix (default: benchmarks/results/qat_peers; "
@@ -256,7 +259,9 @@ def integer_codes(layers: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
 
 def run(peer: SimpleNamespace, method: str, seed: int, args: argparse.Namespace, data) -> Dict[str, Any]:
     fp, train_set, eval_batches = data
-    settings = SETTINGS[method]
+    settings = dict(SETTINGS[method])
+    if args.weight_decay is not None:
+        settings["weight_decay"] = args.weight_decay
     model = initialised_model(peer, fp, train_set, args.bits, seed)
     quant_params, model_params, _ = peer.separate_quantized_model_params(model)
     epochs = common.EPOCHS
@@ -303,7 +308,8 @@ def run(peer: SimpleNamespace, method: str, seed: int, args: argparse.Namespace,
         progress(step, float(loss))
     top1 = common.evaluate_top1(model, eval_batches)
     rec = dict(key=run_key(method, seed, args), method=method, bits=args.bits, clamp_grad=args.clamp_grad,
-               seed=seed, top1=top1, steps=total, seconds=progress.seconds, **tracker.summary())
+               weight_decay=settings["weight_decay"], seed=seed, top1=top1, steps=total, seconds=progress.seconds,
+               **tracker.summary())
     if "freeze" in settings:
         frozen = sum(int(t.frozen.sum()) for n, t in trackers.items() if t.frozen is not None)
         rec["frozen_fraction"] = frozen / rec["tracked_weights"]
@@ -333,7 +339,8 @@ def write_init_report(report: Dict[str, Any], args: argparse.Namespace) -> None:
 
 def run_key(method: str, seed: int, args: argparse.Namespace) -> str:
     tag = "_inclusive" if args.clamp_grad == "inclusive" else ""
-    return f"nagel_peer{tag}_{method}/W{args.bits}A{args.bits}/seed{seed}"
+    wd = f"_wd{args.weight_decay:g}" if args.weight_decay is not None else ""
+    return f"nagel_peer{tag}_{method}{wd}/W{args.bits}A{args.bits}/seed{seed}"
 
 
 def main(argv=None) -> int:

@@ -23,20 +23,29 @@ from qvit.models import reference_weights_id
 from qvit.report import load_run_history, write_benchmark_record
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-#: (qvit recipe, [(key prefix of the authors' runs, what the authors' side is)])
+#: (qvit recipe, [(key prefix of the authors' runs, what the authors' side is)]); plain lsq has no peer, it is the
+#: baseline
 PAIRS = (
-    ("lsq", [("ofq_peer_lsq", "OFQ's code, LSQ weights and activations (its LSQ baseline)")]),
-    ("ofq", [("ofq_peer", "OFQ's code: StatsQ, QKR, CGA")]),
+    ("lsq", []),
+    ("ofq", [("ofq_peer", "OFQ's code: StatsQ, QKR, CGA"),
+             ("ofq_peer_pretrained_proj", "OFQ's code, the attention projection kept from the float model "
+                                          "(`--proj-init pretrained`)")]),
 ) + tuple(
     (f"nagel_{m}", [(f"nagel_peer_{m}", f"Nagel et al.'s code, {what}, installed torch's clamp gradient"),
-                    (f"nagel_peer_inclusive_{m}", f"Nagel et al.'s code, {what}, clamp gradient of torch <= 2.12")])
-    for m, what in (("lsq", "LSQ baseline"), ("dampen", "dampening"), ("freeze", "iterative freezing")))
+                    (f"nagel_peer_inclusive_{m}", f"Nagel et al.'s code, {what}, clamp gradient of torch <= 2.12")]
+     + extra)
+    for m, what, extra in (
+        ("lsq", "LSQ baseline", []), ("dampen", "dampening", []),
+        ("freeze", "iterative freezing",
+         [("nagel_peer_inclusive_lsq_wd5e-05", "Nagel et al.'s code, LSQ baseline with the freezing runs' weight "
+                                               "decay (`--weight-decay 5e-5`), clamp gradient of torch <= 2.12")])))
 #: earlier qvit recipe versions shown beside the current one, with what set them apart
 EARLIER_VERSIONS = {
     ("nagel_lsq", 1): "calibrated on the float network",
     ("nagel_dampen", 1): "calibrated on the float network",
     ("nagel_dampen", 2): "the reference's initialisation, qvit's per-step cosine for weights and step sizes",
     ("nagel_freeze", 2): "calibrated on the float network",
+    ("ofq", 2): "min-max activation ranges calibrated on the float network",
 }
 #: (record field, column label, decimals of the percentage)
 MEASURES = (("osc_fraction", "osc. f > 0.005, end (%)", 3), ("repeat_reversal_fraction", ">= 4 reversals (%)", 2),
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
         authors = {}
         for prefix, who in peers:
             theirs = seed_records(theirs_all, prefix, args.seeds)
-            if theirs or prefix == peers[0][0]:
+            if theirs or prefix == peers[0][0]:   # the first peer shows even before its runs
                 authors[prefix] = dict(runs=theirs, verdict=verdict(ours, theirs))
                 sides.append(("authors", theirs, who, authors[prefix]["verdict"]))
         earlier = {}
@@ -133,12 +142,14 @@ def main(argv=None) -> int:
           "nagel_dampen nagel_freeze ofq --bits 2 --seeds 0 1 --train-images 10000 --epochs 8 --batch-size 32 "
           "--eval-images 2000 --threads 2 --parts vit --out benchmarks/results/qat_table_long`, "
           "`python benchmarks/peers/nagel.py --checkout PATH [--clamp-grad inclusive]`, "
-          "`python benchmarks/peers/ofq.py --checkout PATH`)\n\n"
+          "`python benchmarks/peers/ofq.py --checkout PATH [--proj-init pretrained]`)\n\n"
           "2496 optimizer steps (8 epochs of 10,000 images at batch 32) for every run, seeds "
           f"{', '.join(map(str, args.seeds))}; values are means with the seeds' values in brackets. Oscillation is "
           "qvit's tracker on each side's own integer codes, per optimizer step: the fraction of tracked weights whose "
           "reversal frequency (EMA, momentum 0.001) ends above 0.005, that reversed at least 4 times in the run, and "
-          "that reversed at least once in the last 96 steps.\n\n" + "\n".join(lines) + "\n" + init_md)
+          "that reversed at least once in the last 96 steps. For `ofq` both sides track the values OFQ rounds: fc1, fc2, "
+          "proj, the value rows of qkv and each head's product W_q^T W_k (1,916,928 values); the other recipes "
+          "track all of qkv.\n\n" + "\n".join(lines) + "\n" + init_md)
     write_benchmark_record(args.out, dict(command=command.strip(), settings=settings, seeds=args.seeds, pairs=rows),
                            md)
     print(md)

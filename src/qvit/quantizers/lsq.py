@@ -133,14 +133,15 @@ class LSQPlusQuantizer(LSQQuantizer):
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         qmin, qmax = self.code_range()
         if self.init == "lsq":
-            if not self.signed:
-                super()._init_from_columns(cols)
-                set_tensor(self, "offset", torch.zeros_like(self.scale))
-                return
             half = 1 << (self.bits - 1)
-            scale = self.lsq_init_step(cols, half - 1, unsigned=False)
+            if self.signed and qmin == 0:   # signed data on codes 0 .. 2^b - 1: read them as -2^(b-1) .. 2^(b-1) - 1
+                scale = self.lsq_init_step(cols, half - 1, unsigned=False)
+                offset = -half * scale
+            else:
+                scale = self.lsq_init_step(cols, qmax, unsigned=qmin == 0)
+                offset = torch.zeros_like(scale)
             self.set_params(scale, torch.zeros_like(scale))
-            set_tensor(self, "offset", -half * scale)
+            set_tensor(self, "offset", offset)
             return
         from .ranges import select_by_error
         lo, hi = select_by_error(cols, *self.candidate_ranges(cols), self._error_offset)

@@ -217,3 +217,30 @@ def test_an_epoch_wise_cosine_and_a_constant_quantizer_lr(tmp_path):
         TrainConfig(schedule_unit="batch")
     with pytest.raises(ValueError, match="quant_lr_schedule"):
         TrainConfig(quant_lr_schedule="linear")
+
+
+def _decayed(trainer):
+    """Ids of the weight optimizer's parameters that decay, and of those that do not."""
+    groups = trainer.optimizers[0].param_groups
+    return ({id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]},
+            {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]})
+
+
+def test_weight_decay_skips_norms_biases_and_tokens_unless_weight_decay_all(tmp_path):
+    model, teacher, data = _setup()
+    named = dict(model.named_parameters())
+    qids = {id(p) for p in qvit.qat.trainer.quantizer_parameters(model)}
+    kept = [n for n, p in named.items() if id(p) not in qids]
+    matrices = {n for n in kept if named[n].ndim > 1 and "pos_embed" not in n and "token" not in n}
+    assert "blocks.0.norm1.weight" in kept and "cls_token" in kept and "pos_embed" in kept
+    cfg = _config(weight_decay=1e-3)
+    decay, no_decay = _decayed(QATTrainer(model, teacher, data, config=cfg, out_dir=tmp_path / "a", progress=False))
+    assert decay == {id(named[n]) for n in matrices}
+    assert no_decay == {id(named[n]) for n in kept if n not in matrices}
+    cfg = _config(weight_decay=1e-3, weight_decay_all=True)
+    trainer = QATTrainer(model, teacher, data, config=cfg, out_dir=tmp_path / "b", progress=False)
+    decay, no_decay = _decayed(trainer)
+    assert decay == {id(named[n]) for n in kept}
+    assert not no_decay
+    quant_groups = trainer.optimizers[1].param_groups   # step sizes and offsets keep quant_weight_decay (0)
+    assert {id(p) for g in quant_groups for p in g["params"]} == qids and quant_groups[0]["weight_decay"] == 0

@@ -56,6 +56,9 @@ class TrainConfig:
     the last epoch is not at ``min_lr``). ``quant_lr``/``quant_optimizer``/``quant_weight_decay`` apply to
     quantizer parameters (step sizes, offsets); ``quant_lr: null`` trains them with the weights' settings, and
     ``quant_lr_schedule: constant`` keeps ``quant_lr`` fixed instead of following the weights' schedule.
+    ``weight_decay`` applies to matrices and kernels only (timm's convention: biases, norms, position embeddings and
+    tokens do not decay); ``weight_decay_all: true`` decays every trained parameter except the quantizers' (Nagel
+    et al.'s code).
     """
 
     epochs: float = 1.0
@@ -68,6 +71,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     weight_decay: float = 0.05
+    weight_decay_all: bool = False
     quant_lr: Optional[float] = None
     quant_optimizer: str = "adam"
     quant_weight_decay: float = 0.0
@@ -263,7 +267,8 @@ class QATTrainer:
         for name, p in model.named_parameters():
             if not p.requires_grad or id(p) in qids:
                 continue
-            (decay if p.ndim > 1 and "pos_embed" not in name and "token" not in name else no_decay).append(p)
+            decays = cfg.weight_decay_all or (p.ndim > 1 and "pos_embed" not in name and "token" not in name)
+            (decay if decays else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if cfg.quant_lr is None:
             groups.append({"params": qparams, "weight_decay": 0.0})

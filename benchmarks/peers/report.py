@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qvit-runs", type=Path, default=RESULTS / "qat_table_long.partial.jsonl")
     p.add_argument("--peer-runs", type=Path, default=RESULTS / "qat_peers.partial.jsonl")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--recipe-seeds", nargs="+", default=[], metavar="RECIPE=S,S,...",
+                   help="more seeds for one recipe's row and its authors' rows, e.g. nagel_freeze=0,1,2,3")
     p.add_argument("--out", type=Path, default=RESULTS / "qat_peers", help="output path without suffix")
     return p.parse_args(argv)
 
@@ -101,6 +103,11 @@ def verdict(ours: List[Dict[str, Any]], theirs: List[Dict[str, Any]]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        recipe_seeds = {name: [int(v) for v in seeds.split(",")]
+                        for name, seeds in (item.split("=", 1) for item in args.recipe_seeds)}
+    except ValueError:
+        raise SystemExit(f"--recipe-seeds takes RECIPE=S,S,... entries, got {args.recipe_seeds}") from None
     settings = budget_settings()
     ours_all, theirs_all = load_run_history(args.qvit_runs, settings), load_run_history(args.peer_runs, settings)
     header = ["method", "code", "top-1 (%)", "qvit - authors (top-1)"] + [label for _, label, _ in MEASURES] + ["s / run"]
@@ -108,17 +115,18 @@ def main(argv=None) -> int:
     rows = []
     for recipe, peers in PAIRS:
         version = qvit.load_recipe(recipe).version
-        ours = seed_records(ours_all, recipe, args.seeds, version)
+        seeds = recipe_seeds.get(recipe, args.seeds)
+        ours = seed_records(ours_all, recipe, seeds, version)
         sides = [("qvit", ours, f"qvit `{recipe}` v{version}", "")]
         authors = {}
         for prefix, who in peers:
-            theirs = seed_records(theirs_all, prefix, args.seeds)
+            theirs = seed_records(theirs_all, prefix, seeds)
             if theirs or prefix == peers[0][0]:   # the first peer shows even before its runs
                 authors[prefix] = dict(runs=theirs, verdict=verdict(ours, theirs))
                 sides.append(("authors", theirs, who, authors[prefix]["verdict"]))
         earlier = {}
         for (name, old), what in EARLIER_VERSIONS.items():
-            recs = seed_records(ours_all, recipe, args.seeds, old) if name == recipe else []
+            recs = seed_records(ours_all, recipe, seeds, old) if name == recipe else []
             if recs:
                 earlier[old] = recs
                 sides.append(("earlier", recs, f"qvit `{recipe}` v{old} ({what})", ""))
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
             cells += [cell(recs, field, 100.0, digits) for field, _, digits in MEASURES]
             cells.append(cell(recs, "seconds", 1.0, 0))
             lines.append("| " + " | ".join(cells) + " |")
-        rows.append(dict(recipe=recipe, qvit=ours, authors=authors,
+        rows.append(dict(recipe=recipe, seeds=seeds, qvit=ours, authors=authors,
                          earlier={str(k): recs for k, recs in earlier.items()}))
     init_md = ""
     init_path = args.out.parent / "qat_peers_init.md"
@@ -144,7 +152,9 @@ def main(argv=None) -> int:
           "`python benchmarks/peers/nagel.py --checkout PATH [--clamp-grad inclusive]`, "
           "`python benchmarks/peers/ofq.py --checkout PATH [--proj-init pretrained]`)\n\n"
           "2496 optimizer steps (8 epochs of 10,000 images at batch 32) for every run, seeds "
-          f"{', '.join(map(str, args.seeds))}; values are means with the seeds' values in brackets. Oscillation is "
+          f"{', '.join(map(str, args.seeds))}"
+          + "".join(f" ({name}: seeds {', '.join(map(str, s))})" for name, s in recipe_seeds.items())
+          + "; values are means with the seeds' values in brackets. Oscillation is "
           "qvit's tracker on each side's own integer codes, per optimizer step: the fraction of tracked weights whose "
           "reversal frequency (EMA, momentum 0.001) ends above 0.005, that reversed at least 4 times in the run, and "
           "that reversed at least once in the last 96 steps. For `ofq` both sides track the values OFQ rounds: fc1, fc2, "

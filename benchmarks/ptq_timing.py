@@ -53,8 +53,9 @@ def time_recipe(model: torch.nn.Module, name: str, args: argparse.Namespace) -> 
     t0 = time.time()
     qmodel = qvit.quantize_ptq(model, recipe, calib, w_bits=args.w_bits, a_bits=args.a_bits, progress=True)
     seconds = time.time() - t0
-    steps = [{"step": r["step"], "seconds": r["seconds"]} for r in qmodel.qvit_log if "seconds" in r and "units" not in r]
-    recon = [r for r in qmodel.qvit_log if r["step"] == "reconstruct" and "units" in r]
+    log = qvit.quant_state(qmodel).log
+    steps = [{"step": r["step"], "seconds": r["seconds"]} for r in log if "seconds" in r and "units" not in r]
+    recon = [r for r in log if r["step"] == "reconstruct" and "units" in r]
     capture = sum(u["capture_seconds"] for r in recon for u in r["units"])
     train = sum(u["seconds"] - u["capture_seconds"] for r in recon for u in r["units"])
     full = sum(full_iters.values())

@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     import torch.nn.functional as F
 
     import qvit
-    from qvit.qat.trainer import quantizer_parameters
+    from qvit.quantizers import quantizer_parameters
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     return {"kind": args.worker, "step_seconds": statistics.median(times), "peak_rss_mb": train_peak / 1024,
             "process_peak_rss_mb": peak / 1024,
             "peak_growth_mb": (peak - base) / 1024, "saved_mb": _saved_for_backward(model, x, y) / 2 ** 20,
-            "quantizer_params": len(quantizer_parameters(model)) if args.worker != "fp" else 0}
+            "quantizer_params": len(quantizer_parameters(model.modules())) if args.worker != "fp" else 0}
 
 
 _COLUMNS = (("step_seconds", "{:.3f}"), ("peak_rss_mb", "{:.0f}"), ("saved_mb", "{:.0f}"), ("process_peak_rss_mb", "{:.0f}"))

@@ -59,13 +59,13 @@ def test_demo_runs_recipes_on_their_quick_budget(folder, tmp_path, capsys):
     assert record["budget"] == "quick" and set(record["quick"]) == {"ptq4vit"}
 
 
-def test_default_data_is_fashion_mnist(tmp_path, monkeypatch, capsys):
+def test_default_data_is_fashion_mnist(tmp_path, capsys):
     root = make_fashion_mnist(tmp_path / "fm")
-    monkeypatch.setenv("QVIT_FASHION_MNIST", str(root))
-    assert main(["ptq", "--w-bits", "4", "--a-bits", "4", "--calib-images", "8", "--no-progress"]) == 0
+    with qvit.settings(fashion_mnist=root):
+        assert main(["ptq", "--w-bits", "4", "--a-bits", "4", "--calib-images", "8", "--no-progress"]) == 0
     assert "(20 images)" in capsys.readouterr().out
-    monkeypatch.setenv("QVIT_FASHION_MNIST", str(tmp_path / "empty"))
-    assert main(["eval", "--no-progress"]) == 2
+    with qvit.settings(fashion_mnist=tmp_path / "empty"):
+        assert main(["eval", "--no-progress"]) == 2
     assert "apt-get install -y dataset-fashion-mnist" in capsys.readouterr().err
 
 

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .memory import release_freed_memory
+from .backend import get_backend
 from .models.prepare import iter_quantizers
 
-Batches = Union[torch.Tensor, Iterable]
+Batches = Union[torch.Tensor, Iterable, Callable[[nn.Module], Any]]
 
 
 def iter_batches(data: Batches, batch_size: int = 32) -> Iterator[torch.Tensor]:
     """Inputs from a tensor ``[N, C, H, W]`` (split into batches) or an iterable of ``x`` / ``(x, y)``."""
+    if callable(data) and not torch.is_tensor(data):
+        raise TypeError("these steps need the calibration images themselves, not a forward loop")
     if torch.is_tensor(data):
         for i in range(0, data.shape[0], batch_size):
             yield data[i:i + batch_size]
@@ -37,10 +39,13 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
     iterable only the first batch is used. Weight quantizers always calibrate on the weights
     themselves. Quantizers that are already calibrated are left as they are (``reset`` them first to
     re-calibrate). With ``weights_only`` activation quantizers are not touched.
+
+    ``data`` may also be a forward loop ``fn(model)`` that runs the calibration data through the model itself
+    (``sequential``: its first batch calibrates the sites it reaches).
     """
     pending = [(site, q) for site, _, q in iter_quantizers(model) if not bool(q.initialized)]
     if weights_only:
-        pending = [(s, q) for s, q in pending if q.static]
+        pending = [(s, q) for s, q in pending if q.for_weights]
     if not pending:
         return model
     was_training = model.training
@@ -53,27 +58,32 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
         else:
             q.observing = True
     try:
-        if sequential and torch.is_tensor(data):
-            batch_size = data.shape[0]
-        batches = iter_batches(data, batch_size)
-        if weights_only:
-            batches = iter(())
-        total = (data.shape[0] + batch_size - 1) // batch_size if torch.is_tensor(data) else None
         seen = 0
-        for x in tqdm(batches, total=total, desc="calibrate", disable=not progress, file=sys.stderr, leave=False):
-            model(x.to(device))
-            seen += 1
-            if sequential:
-                break
+        if weights_only:
+            pass
+        elif callable(data) and not torch.is_tensor(data):
+            data(model)
+            seen = 1
+        else:
+            if sequential and torch.is_tensor(data):
+                batch_size = data.shape[0]
+            total = (data.shape[0] + batch_size - 1) // batch_size if torch.is_tensor(data) else None
+            batches = iter_batches(data, batch_size)
+            for x in tqdm(batches, total=total, desc="calibrate", disable=not progress, file=sys.stderr,
+                          leave=False):
+                model(x.to(device))
+                seen += 1
+                if sequential:
+                    break
         if seen == 0 and not weights_only:
             raise ValueError("calibrate() got no data")
         for site, q in pending:
-            if q.static and not bool(q.initialized):
+            if q.for_weights and not bool(q.initialized):
                 module_weight = _weight_of(model, site)
                 if module_weight is not None:
                     q.calibrate(module_weight.detach())
-            if q.observing and not q.static:
-                if q._observed:
+            if q.observing and not q.for_weights:
+                if q.has_observations():
                     q.finalize()
                 elif not weights_only:
                     warnings.warn(f"quantizer {site} saw no calibration data (its module never ran)")
@@ -82,7 +92,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
             q.observing = False
             q.lazy_init = False
         model.train(was_training)
-        release_freed_memory()       # the observed samples and range searches are gone: give their pages back
+        get_backend().release()      # the observed samples and range searches are gone: give their memory back
     return model
 
 

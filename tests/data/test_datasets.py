@@ -3,28 +3,30 @@ import pytest
 import timm
 import torch
 
+import qvit
 from qvit.data import (DatasetMissingError, FashionMNIST, build_dataset, calibration_batch, create_eval_transform,
                        load_fashion_mnist, resolve_split_dir)
 from qvit.data.fashion_mnist import read_idx
 from tests.helpers import make_fashion_mnist, make_image_folder, write_idx
 
 
-def test_fashion_mnist_reader(tmp_path, monkeypatch):
+def test_fashion_mnist_reader(tmp_path):
     root = make_fashion_mnist(tmp_path / "fm")
     images, labels = load_fashion_mnist("train", root)
     assert images.shape == (40, 28, 28) and images.dtype == torch.uint8
     assert labels.tolist() == [i % 10 for i in range(40)]
-    monkeypatch.setenv("QVIT_FASHION_MNIST", str(root))
-    ds = FashionMNIST("test")
+    with qvit.settings(fashion_mnist=root):
+        ds = FashionMNIST("test")
+        train = FashionMNIST("train")
     x, y = ds[3]
     assert x.shape == (1, 28, 28) and y == 3
     expected = (images[0].float() / 255 - 0.2860) / 0.3530
-    torch.testing.assert_close(FashionMNIST("train").tensors()[0][0, 0], expected)
+    torch.testing.assert_close(train.tensors()[0][0, 0], expected)
 
 
-def test_missing_fashion_mnist_names_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("QVIT_FASHION_MNIST", str(tmp_path))
-    with pytest.raises(DatasetMissingError, match="apt-get install -y dataset-fashion-mnist"):
+def test_missing_fashion_mnist_names_the_install_command(tmp_path):
+    with qvit.settings(fashion_mnist=tmp_path), \
+            pytest.raises(DatasetMissingError, match="apt-get install -y dataset-fashion-mnist"):
         FashionMNIST("test")
 
 

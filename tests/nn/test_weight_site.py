@@ -18,7 +18,7 @@ def _vit(qkr: bool) -> nn.Module:
 def test_plain_sites_are_the_layers_weights():
     model = _vit(qkr=False)
     sites = list(iter_weight_sites(model))
-    weight_sites = [s for s, _, q in qvit.iter_quantizers(model) if q.static]
+    weight_sites = [s for s, _, q in qvit.iter_quantizers(model) if q.for_weights]
     assert [s.site for s in sites] == weight_sites
     for s in sites:
         assert s.frozen_in_place and s.value() is s.parameter
@@ -44,7 +44,7 @@ def test_qkr_sites_are_the_value_rows_and_the_query_key_product():
     assert prod.value().requires_grad                      # gradients reach W_q and W_k through the product
     assert torch.equal(prod.codes(), attn.qk_weight_quantizer.quantize(prod.value().detach()))
     assert prod.grid_position().shape == prod.value().shape
-    assert len(sites) == len({s for s, _, q in qvit.iter_quantizers(model) if q.static}) + len(model.blocks)
+    assert len(sites) == len({s for s, _, q in qvit.iter_quantizers(model) if q.for_weights}) + len(model.blocks)
 
 
 def test_a_site_is_a_parameter_or_a_computed_tensor():

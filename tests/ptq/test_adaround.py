@@ -107,5 +107,5 @@ def test_reconstruct_step_with_adaround_leaves_every_block_weight_on_its_grid():
     for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
         assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
     assert not torch.equal(q.blocks[0].mlp.fc1.weight, fp.blocks[0].mlp.fc1.weight)
-    log = next(r for r in q.qvit_log if r["step"] == "reconstruct" and "units" in r)
+    log = next(r for r in qvit.quant_state(q).log if r["step"] == "reconstruct" and "units" in r)
     assert log["rounding"] == "adaround" and all("rounded_up" in u for u in log["units"])

@@ -103,7 +103,7 @@ def test_ptq4vit_recipe_on_test_vit():
     assert probs.kind == "twin_uniform" and probs.split.numel() == fp.blocks[0].attn.num_heads
     assert torch.equal(torch.log2(probs.split), torch.round(torch.log2(probs.split)))   # power-of-two split
     assert q.blocks[0].attn.qkv.weight_quantizer.scale.numel() == 3
-    ops = next(r for r in q.qvit_log if "ops" in r)["ops"]
+    ops = next(r for r in qvit.quant_state(q).log if "ops" in r)["ops"]
     assert {r["kind"] for r in ops} == {"conv", "linear", "qk", "pv"}
     assert sum(r["final_error"] for r in ops) < sum(r["initial_error"] for r in ops)
     base = qvit.quantize_ptq(fp, "minmax", x, w_bits=4, a_bits=4, progress=False)

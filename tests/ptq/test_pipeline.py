@@ -34,7 +34,7 @@ def test_recipes_run_and_keep_the_float_model(recipe):
         out = q(x)
         assert torch.equal(fp(x), ref)  # the input model is not modified
     assert out.shape == ref.shape and not torch.equal(out, ref)
-    assert q.qvit_recipe.name == recipe and q.qvit_log[0]["step"] == "calibrate"
+    assert qvit.quant_state(q).recipe.name == recipe and qvit.quant_state(q).log[0]["step"] == "calibrate"
     rows = {r.role: r for r in qvit.describe(q)}
     assert rows["fc1.weight"].bits == 4 and rows["head.weight"].bits == 8
 
@@ -70,7 +70,11 @@ def test_every_recipe_runs_end_to_end_on_test_vit(name):
     q = qvit.quantize_ptq(fp, _smoke_variant(name), x, w_bits=4, a_bits=4, progress=False)
     with torch.no_grad():
         out, ref = q(x), fp(x)
-    assert torch.isfinite(out).all() and out.shape == ref.shape and not torch.equal(out, ref)
+    assert out.shape == ref.shape and not torch.equal(out, ref)
+    # W4A4 stays close to the float network: every recipe gives 0.30-0.39 relative error and a per-image cosine of
+    # at least 0.89 here; a grid that clips or rounds wrongly gives errors near 1
+    assert ((out - ref).norm() / ref.norm()).item() < 0.6
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min().item() > 0.8
     enabled = [(site, qz) for site, _, qz in iter_quantizers(q) if qz.enabled]
     assert enabled and all(bool(qz.initialized) for _, qz in enabled)
 
@@ -121,7 +125,7 @@ def test_isvit_runs_its_three_stages_in_order():
     fp = timm.create_model("test_vit", img_size=64).eval()
     x = torch.randn(8, 3, 64, 64)
     q = qvit.quantize_ptq(fp, _smoke_variant("isvit"), x, w_bits=4, a_bits=4, progress=False)
-    recon = [r for r in q.qvit_log if r["step"] == "reconstruct" and "units" in r]
+    recon = [r for r in qvit.quant_state(q).log if r["step"] == "reconstruct" and "units" in r]
     assert [r["input_source"] for r in recon] == ["fp", "quantized"]
     stage1, stage3 = recon
     # stage 1 runs with float weights: the patch-embedding conv has no active quantizer, so its loss is 0

@@ -130,7 +130,7 @@ def test_quantized_input_source_follows_the_reconstructed_quantized_model(monkey
 def test_quant_state_switches_weights_and_acts():
     q = calibrated(tiny_vit(), images())
     with quant_state(q, weights=False, acts=True):
-        states = {(qz.static, qz.enabled) for _, _, qz in qvit.iter_quantizers(q)}
+        states = {(qz.for_weights, qz.enabled) for _, _, qz in qvit.iter_quantizers(q)}
         assert states == {(True, False), (False, True)}
     assert all(qz.enabled for _, _, qz in qvit.iter_quantizers(q))
 
@@ -177,7 +177,7 @@ def test_step_through_quantize_ptq():
         ],
     })
     q = qvit.quantize_ptq(fp, recipe, x, progress=False, **W4A4)
-    recs = [r for r in q.qvit_log if r["step"] == "reconstruct" and "units" in r]
+    recs = [r for r in qvit.quant_state(q).log if r["step"] == "reconstruct" and "units" in r]
     assert [r["input_source"] for r in recs] == ["fp", "quantized"]
     assert [u["unit"] for u in recs[1]["units"]] == ["blocks.0", "blocks.1"]
     assert all(u["first_loss"] is not None and u["last_loss"] is not None for u in recs[0]["units"])

@@ -198,7 +198,7 @@ def test_recipes_run_end_to_end(recipe, probs, target):
     assert all(r.calibrated for r in rows)
     assert {r.kind for r in rows if r.role == "attn.probs"} == {probs}
     assert {r.bits for r in rows if r.role == "stem.input"} == {8}
-    record = next(e for e in q.qvit_log if "reparameterized" in e)
+    record = next(e for e in qvit.quant_state(q).log if "reparameterized" in e)
     assert record["reparameterized"] == 12 and record["target"] == target
     with torch.no_grad():
         out, ref = q(x), fp(x)
@@ -219,7 +219,7 @@ def test_state_dict_round_trip_vit():
     fresh.load_state_dict(sd)
     assert set(input_granularities(fresh).values()) == {"tensor"}
     # a model prepared with the quantized model's own config needs no adapting
-    again = qvit.prepare(timm.create_model("test_vit").eval(), q.qvit_config)
+    again = qvit.prepare(timm.create_model("test_vit").eval(), qvit.quant_state(q).config)
     assert set(input_granularities(again).values()) == {"tensor"}
     again.load_state_dict(sd)
     assert match_reparameterized_state(again, sd) == []

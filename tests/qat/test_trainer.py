@@ -5,7 +5,6 @@ import torch
 from torch.utils.data import TensorDataset
 
 import qvit
-from qvit.nn.scratch import scratch_bytes
 from qvit.qat import Callback, QATTrainer, TrainConfig, copy_teacher, create_callback
 
 LSQ = {"weight": {"kind": "lsq", "granularity": "tensor"}, "activation": {"kind": "lsq", "symmetric": True, "init": "minmax"},
@@ -37,25 +36,13 @@ def _task_loss(model, data):
         return torch.nn.functional.cross_entropy(model.eval()(x), y).item()
 
 
-class _PoolProbe(Callback):
-    """Records the bytes of pooled scratch buffers after every step."""
-
-    def __init__(self):
-        self.held = []
-
-    def after_step(self, trainer):
-        self.held.append(scratch_bytes())
-
-
 def test_a_few_qat_steps_lower_the_loss(tmp_path):
     model, teacher, data = _setup()
     before = _task_loss(model, data)
-    pooled = _PoolProbe()
     trainer = QATTrainer(model, teacher, data, config=_config(epochs=4, augment=False, loss="ce"), out_dir=tmp_path,
-                         progress=False, callbacks=[create_callback("track_oscillations", {"max_bits": 4}), pooled])
+                         progress=False, callbacks=[create_callback("track_oscillations", {"max_bits": 4})])
     result = trainer.fit()
     assert result["steps"] == 12
-    assert min(pooled.held) > 0 and scratch_bytes() == 0     # training borrowed pooled buffers, and dropped them
     assert _task_loss(model, data) < before - 0.05
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 13 and "osc_fraction" in rows[0] and "lr" in rows[0]
@@ -229,7 +216,7 @@ def _decayed(trainer):
 def test_weight_decay_skips_norms_biases_and_tokens_unless_weight_decay_all(tmp_path):
     model, teacher, data = _setup()
     named = dict(model.named_parameters())
-    qids = {id(p) for p in qvit.qat.trainer.quantizer_parameters(model)}
+    qids = {id(p) for p in qvit.quantizers.quantizer_parameters(model.modules())}
     kept = [n for n, p in named.items() if id(p) not in qids]
     matrices = {n for n in kept if named[n].ndim > 1 and "pos_embed" not in n and "token" not in n}
     assert "blocks.0.norm1.weight" in kept and "cls_token" in kept and "pos_embed" in kept

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from qvit.quantizers import create_quantizer, functional
+import qvit
+from qvit.quantizers import create_quantizer
 
 
 def test_lsq_init_and_forward_grid():
@@ -16,9 +17,8 @@ def test_lsq_init_and_forward_grid():
     torch.testing.assert_close(q(x), expected)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_lsq_scale_gradient_matches_formula(fused, monkeypatch):
-    monkeypatch.setattr(functional, "_FUSED", fused)
+def test_lsq_scale_gradient_matches_formula(kernel_setting):
+    fused = qvit.get_settings().fused
     q = create_quantizer({"kind": "lsq", "bits": 3})
     q.calibrate(torch.tensor([-1.0, 1.0]))  # signed data: codes [-4, 3]
     with torch.no_grad():

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
-ROOT_ENV = "QVIT_FASHION_MNIST"
+from ..runtime import get_settings
+
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 
 CLASSES = (
@@ -32,10 +32,9 @@ class DatasetMissingError(FileNotFoundError):
 
 
 def fashion_mnist_root(root: Optional[os.PathLike] = None) -> Path:
-    """The folder holding the idx files: ``root``, else ``$QVIT_FASHION_MNIST``, else Debian's path."""
-    if root is not None:
-        return Path(root)
-    return Path(os.environ.get(ROOT_ENV, DEFAULT_ROOT))
+    """The folder holding the idx files: ``root``, else the ``fashion_mnist`` setting (``$QVIT_FASHION_MNIST``, by
+    default Debian's path)."""
+    return Path(root) if root is not None else get_settings().fashion_mnist
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -45,7 +44,7 @@ def _find(root: Path, stem: str) -> Path:
             return path
     raise DatasetMissingError(
         f"Fashion-MNIST file '{stem}[.gz]' not found in {root}. Install the embedded default data with "
-        f"'{INSTALL_HINT}', or point ${ROOT_ENV} at a folder holding the idx files.")
+        f"'{INSTALL_HINT}', or point $QVIT_FASHION_MNIST at a folder holding the idx files.")
 
 
 def read_idx(path: Path) -> np.ndarray:

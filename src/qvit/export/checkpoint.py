@@ -32,6 +32,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..models.state import QuantState, quant_state
 from ..nn import QuantModule, quant_class_for
 from ..quantizers import QuantSpec, create_quantizer
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -98,7 +99,7 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     """Write the prepared, calibrated ``model`` as a packed checkpoint at ``path``; returns the path.
 
     ``recipe`` (e.g. ``{"name": "repq", "w_bits": 4, "a_bits": 4}``) is stored as metadata; by default the name and
-    version of the recipe that quantized the model (``model.qvit_recipe``) are stored.
+    version of the recipe that quantized the model (its :class:`~qvit.models.QuantState`) are stored.
     """
     modules = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
     if not modules:
@@ -147,7 +148,7 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
                          "values": None if v.numel() > INLINE_NUMEL else v.reshape(-1).tolist()}
         else:
             tensors[k] = v
-    r = getattr(model, "qvit_recipe", None)
+    r = quant_state(model).recipe if hasattr(model, "qvit_state") else None
     recipe_meta = dict(recipe) if recipe is not None else (
         {"name": r.name, "version": r.version} if r is not None else None)
     from .. import __version__
@@ -243,7 +244,7 @@ def _rebuild(model: nn.Module, meta: Mapping[str, Any], path: Path) -> None:
         for slot, is_weight in info["extra_slots"]:
             cfg = info["slots"][slot]
             q = None if cfg is None else create_quantizer({k: v for k, v in cfg.items() if k != "lazy_init"},
-                                                          static=is_weight)
+                                                          for_weights=is_weight)
             if q is not None:
                 q.site = f"{name}.{slot}"
             setattr(module, f"{slot}_quantizer", q)
@@ -308,5 +309,5 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
             # a uniform grid maps its own points to themselves, so its quantizer stays on (ONNX export then stores
             # integer weights); other families may recompute parameters from the tensor, so they are switched off
             q.enabled = q.affine_form() is not None and torch.equal(q.fake_quant(weight), weight)
-    model.qvit_packed = {k: meta[k] for k in ("architecture", "recipe", "qvit")}
+    model.qvit_state = QuantState(None, packed={k: meta[k] for k in ("architecture", "recipe", "qvit")})
     return model.eval()

@@ -81,7 +81,7 @@ def qdq_params(q: Quantizer, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, to
     zdtype = torch.int8 if qmin < 0 else torch.uint8
     if q.granularity == "tensor":
         return scale.reshape(()).float(), zero.reshape(()).to(zdtype), qmin, qmax, None
-    axis = q._channel_axis(x)
+    axis = q.channel_axis(x)
     per_channel = lambda p: q.expand(p, x).reshape(-1)       # noqa: E731 (group scales repeated per channel)
     return per_channel(scale).float(), per_channel(zero).to(zdtype), qmin, qmax, axis
 

@@ -13,6 +13,7 @@ from ..config import QuantConfig
 from ..nn import QuantModule, WeightSite, quant_class_for
 from ..quantizers import Quantizer
 from .roles import role_prefix, stem_and_head
+from .state import ATTRIBUTE, QuantState
 
 ConfigLike = Union[QuantConfig, Mapping[str, Any], str, None]
 
@@ -50,7 +51,7 @@ def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True
     for pattern in config.overrides:
         if not any(fnmatch.fnmatchcase(site, pattern) for site in sites):
             warnings.warn(f"QuantConfig override {pattern!r} matches no site of this model")
-    model.qvit_config = config
+    model.qvit_state = QuantState(config)
     return model
 
 
@@ -59,8 +60,8 @@ def unprepare(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, QuantModule):
             module.restore_float()
-    if hasattr(model, "qvit_config"):
-        del model.qvit_config
+    if hasattr(model, ATTRIBUTE):
+        delattr(model, ATTRIBUTE)
     return model
 
 

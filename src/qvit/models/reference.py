@@ -7,13 +7,14 @@ trained weights ship in ``qvit/assets``; ``scripts/train_reference.py`` rebuilds
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from ..runtime import get_settings
 
 REFERENCE_MODEL = "qvit_vit_tiny_fmnist"
 WEIGHTS_NAME = "qvit_vit_tiny_fmnist.safetensors"
@@ -29,8 +30,7 @@ PRETRAINED_CFG: Dict[str, Any] = dict(
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("QVIT_CACHE", os.path.join(base, "qvit")))
+    return get_settings().cache_dir
 
 
 def reference_weights_path() -> Optional[Path]:

@@ -6,8 +6,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..backend import get_backend
 from .base import QuantModule
-from .recompute import can_recompute, quant_matmul, scaled_matmul
+from .functional import scaled_matmul
 
 
 class QuantAttentionCore(QuantModule):
@@ -22,8 +23,9 @@ class QuantAttentionCore(QuantModule):
     any bias or mask) and ``context`` (``p̂ v̂``): calibration procedures use it to capture operands, outputs and
     (with tensor hooks) output gradients. It must not change the tensors.
 
-    In training, :meth:`attention` keeps only the float ``q``, ``k``, ``v`` and the softmax output for the backward
-    pass and recomputes the quantized operands there (see :mod:`qvit.nn.recompute`), unless a tap is set or attention dropout is active. When the
+    :meth:`attention` offers the computation to the backend first (in training, :mod:`qvit.kernels` keeps only the
+    float ``q``, ``k``, ``v`` and the softmax output for the backward pass and recomputes the quantized operands
+    there, unless a tap is set or attention dropout is active). When the
     config leaves every attention site in floating point (no quantizer; a quantizer merely disabled keeps the explicit
     path, so toggling it does not change the arithmetic) and nothing is tapped or added to the logits, it runs
     PyTorch's fused ``scaled_dot_product_attention`` where timm would (the module's ``fused_attn``; like timm's own
@@ -88,20 +90,14 @@ class QuantAttentionCore(QuantModule):
         ``add_to_logits(logits, *logit_terms)``, when given, returns the logits with biases or masks added;
         tensors that need gradients (e.g. a relative position bias) must come in through ``logit_terms``.
         """
-        quantizers = [getattr(self, f"{name}_quantizer") for name, _ in self.quant_slots]
-        dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
         if self.tap is None and add_to_logits is None and getattr(self, "fused_attn", True) \
-                and all(quantizer is None for quantizer in quantizers):
+                and not self.quantizes_attention():
             # no attention site is quantized: PyTorch's fused kernel computes the same
+            dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout.p if dropping else 0.0, scale=scale)
-        if self.tap is None and not dropping and can_recompute(self, quantizers):
-            # two products with recomputed quantized factors; the softmax output between them is stored
-            quant = dict(zip((name for name, _ in self.quant_slots), quantizers))
-            logits = quant_matmul(q if self.scale_after_matmul else q * scale, k, quant["q"], quant["k"],
-                                  self.logit_factor(scale), transpose_b=True)
-            if add_to_logits is not None:
-                logits = add_to_logits(logits, *logit_terms)
-            return quant_matmul(logits.softmax(dim=-1), v, quant["probs"], quant["v"])
+        out = get_backend().attention(self, q, k, v, scale, dropout, add_to_logits, logit_terms)
+        if out is not None:
+            return out
         logits = self.attention_logits(q, k, scale)
         if add_to_logits is not None:
             logits = add_to_logits(logits, *logit_terms)

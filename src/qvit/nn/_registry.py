@@ -1,11 +1,19 @@
 """Float module class -> quantized module class registry."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch.nn as nn
 
-_QUANT_MODULES: Dict[type, Tuple[type, bool]] = {}
+from ..registry import Registry
+
+
+class _Entry(NamedTuple):
+    quant_cls: type
+    subclasses: bool
+
+
+QUANT_MODULES: Registry[type, _Entry] = Registry("quantized version of")
 
 
 def register_quant_module(float_cls: type, *, subclasses: bool = False) -> Callable[[type], type]:
@@ -16,9 +24,7 @@ def register_quant_module(float_cls: type, *, subclasses: bool = False) -> Calla
     """
 
     def wrap(quant_cls: type) -> type:
-        if float_cls in _QUANT_MODULES and _QUANT_MODULES[float_cls][0] is not quant_cls:
-            raise ValueError(f"{float_cls.__qualname__} already maps to {_QUANT_MODULES[float_cls][0].__qualname__}")
-        _QUANT_MODULES[float_cls] = (quant_cls, subclasses)
+        QUANT_MODULES.add(float_cls, _Entry(quant_cls, subclasses))
         return quant_cls
 
     return wrap
@@ -27,14 +33,16 @@ def register_quant_module(float_cls: type, *, subclasses: bool = False) -> Calla
 def quant_class_for(module: nn.Module) -> Optional[type]:
     """The quantized class registered for ``module``'s class (exact match first, then allowed bases)."""
     cls = type(module)
-    if cls in _QUANT_MODULES:
-        return _QUANT_MODULES[cls][0]
+    if cls in QUANT_MODULES:
+        return QUANT_MODULES.get(cls).quant_cls
     for base in cls.__mro__[1:]:
-        entry = _QUANT_MODULES.get(base)
-        if entry is not None and entry[1] and cls.forward is base.forward:
-            return entry[0]
+        if base in QUANT_MODULES:
+            entry = QUANT_MODULES.get(base)
+            if entry.subclasses and cls.forward is base.forward:
+                return entry.quant_cls
     return None
 
 
 def registered_float_classes() -> Tuple[type, ...]:
-    return tuple(_QUANT_MODULES)
+    """The float classes that have a quantized version."""
+    return tuple(QUANT_MODULES.keys())

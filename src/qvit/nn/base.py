@@ -35,7 +35,7 @@ class QuantModule:
             spec = specs.get(slot)
             quantizer = None
             if spec is not None and spec.enabled:
-                quantizer = create_quantizer(spec, static=is_weight)
+                quantizer = create_quantizer(spec, for_weights=is_weight)
                 quantizer.site = f"{name}.{slot}" if name else slot
                 if device is not None:
                     quantizer.to(device)

@@ -54,8 +54,6 @@ class QuantAttention(QuantAttentionCore, Attention):
             return qkr_forward(self, x, attn_mask)
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.training and torch.is_grad_enabled() and self.quantizes_attention():
-            qkv = qkv.contiguous()
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = resolve_self_attn_mask(N, q, attn_mask, is_causal)

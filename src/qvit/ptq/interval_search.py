@@ -44,6 +44,7 @@ from ..quantizers.base import MIN_SCALE, set_tensor
 from ..quantizers.twin_uniform import TwinUniformQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from ..calibration import Batches, iter_batches
+from ..registry import Registry
 from .reconstruct import quant_state
 from .steps import PTQContext, register_step
 
@@ -62,7 +63,7 @@ class SearchSettings:
 
 
 SearchSpace = Callable[[Quantizer, torch.Tensor, SearchSettings], Tuple[Params, List[Params]]]
-_SPACES: Dict[type, SearchSpace] = {}
+SEARCH_SPACES: Registry[type, SearchSpace] = Registry("interval-search space for")
 
 
 def register_search_space(cls: type) -> Callable[[SearchSpace], SearchSpace]:
@@ -71,19 +72,15 @@ def register_search_space(cls: type) -> Callable[[SearchSpace], SearchSpace]:
     Params map the quantizer's buffer names to per-column tensors ``[columns]``.
     """
 
-    def wrap(fn: SearchSpace) -> SearchSpace:
-        _SPACES[cls] = fn
-        return fn
-
-    return wrap
+    return SEARCH_SPACES.register(cls)
 
 
 def search_space(quantizer: Quantizer, cols: torch.Tensor, settings: SearchSettings) -> Tuple[Params, List[Params]]:
-    for cls in type(quantizer).__mro__:
-        if cls in _SPACES:
-            return _SPACES[cls](quantizer, cols, settings)
-    raise ValueError(f"interval search has no search space for {type(quantizer).__name__} ({quantizer.site}); "
-                     f"supported: {', '.join(c.__name__ for c in _SPACES)}")
+    space = SEARCH_SPACES.find(type(quantizer))
+    if space is None:
+        raise ValueError(f"interval search has no search space for {type(quantizer).__name__} ({quantizer.site}); "
+                         f"supported: {', '.join(SEARCH_SPACES.names())}")
+    return space(quantizer, cols, settings)
 
 
 @register_search_space(UniformQuantizer)
@@ -265,7 +262,7 @@ def _column_scores(err: torch.Tensor, quantizer: Quantizer, operand: Operand, x:
 def _check_granularity(op: SearchOp, operand: Operand, quantizer: Quantizer, x: torch.Tensor) -> None:
     if quantizer.num_columns(x) == 1:
         return
-    if operand.axis is None or quantizer._channel_axis(x) != operand.axis % x.ndim:
+    if operand.axis is None or quantizer.channel_axis(x) != operand.axis % x.ndim:
         where = "per tensor only" if operand.axis is None else f"per tensor or along axis {operand.axis}"
         raise ValueError(f"{op.name}: the {operand.slot} quantizer is {quantizer.granularity} along axis "
                          f"{quantizer.axis}; the interval search handles this operand {where}")

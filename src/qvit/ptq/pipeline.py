@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..models.prepare import prepare
+from ..models.state import quant_state
 from ..recipes import Recipe, load_recipe
 from .steps import PTQContext, get_step
 
@@ -21,7 +22,7 @@ def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch
 
     ``calib_data``: calibration images ``[N, C, H, W]`` (the recipe's ``calibration.num_images`` is the
     default count callers should draw). The float ``model`` is kept as the teacher for steps that need one.
-    Returns the quantized model; the step log is in ``model.qvit_log``.
+    Returns the quantized model; the recipe and the step log are in its :class:`~qvit.models.QuantState`.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if recipe.kind != "ptq":
@@ -36,6 +37,7 @@ def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch
         t0 = time.time()
         get_step(name)(ctx, **params)
         ctx.log.append({"step": name, "params": params, "seconds": time.time() - t0})
-    qmodel.qvit_recipe = recipe
-    qmodel.qvit_log = ctx.log
+    state = quant_state(qmodel)
+    state.recipe = recipe
+    state.log = ctx.log
     return qmodel

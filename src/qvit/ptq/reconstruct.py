@@ -61,8 +61,8 @@ except ImportError:  # older timm
 
 # ---------------------------------------------------------------------------------------------------- quantizer state
 def is_weight_quantizer(quantizer: Quantizer) -> bool:
-    """Weight quantizers are the static ones (calibrated from the tensor itself, not from data)."""
-    return bool(quantizer.static)
+    """Whether ``quantizer`` quantizes a weight (calibrated from the tensor itself, not from data)."""
+    return bool(quantizer.for_weights)
 
 
 def set_quant_state(model: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None

@@ -19,8 +19,8 @@ The linear layer's weight quantizer is reset and re-calibrated on ``W'``.
 
 State dicts: the step turns the input quantizer's granularity into ``tensor`` (``[1]``-shaped ``scale`` and
 ``zero_point``) and may add ``bias`` to linear layers that had none (Swin's ``reduction``). It also adds one
-``overrides`` entry ``{"<linear>.input": {"granularity": "tensor"}}`` per folded layer to ``model.qvit_config``,
-so ``prepare(float_model, model.qvit_config)`` builds matching quantizers. To load such a state dict into a
+``overrides`` entry ``{"<linear>.input": {"granularity": "tensor"}}`` per folded layer to the model's config
+(``quant_state(model).config``), so ``prepare(float_model, quant_state(model).config)`` builds matching quantizers. To load such a state dict into a
 model freshly prepared with the *recipe's* config (channel-wise sites), call
 :func:`match_reparameterized_state` first: it adapts the model to the state dict, then
 ``model.load_state_dict(state_dict)`` loads strictly.
@@ -179,7 +179,7 @@ def set_per_tensor(quantizer: Quantizer, scale: torch.Tensor, zero_point: torch.
     Granularity and the ``[columns]`` buffers change together, so ``state_dict`` holds ``[1]``-shaped tensors.
     """
     quantizer.granularity = "tensor"
-    quantizer._observed, quantizer._observed_count = [], 0
+    quantizer.discard_observations()
     quantizer.set_params(scale.reshape(1), zero_point.reshape(1))
     quantizer.check_params()
 
@@ -199,11 +199,11 @@ def _foldable_input(linear: nn.Module) -> Tuple[Optional[Quantizer], str]:
 
 
 def _record_per_tensor(model: nn.Module, sites: List[str]) -> None:
-    """Add ``{"granularity": "tensor"}`` overrides for ``sites`` to ``model.qvit_config`` (when it has one)."""
-    config = getattr(model, "qvit_config", None)
-    if config is None or not sites:
+    """Add ``{"granularity": "tensor"}`` overrides for ``sites`` to the model's config (its :class:`QuantState`)."""
+    state = getattr(model, "qvit_state", None)
+    if state is None or not sites:
         return
-    model.qvit_config = config.merged({"overrides": {site: {"granularity": "tensor"} for site in sites}})
+    state.config = state.config.merged({"overrides": {site: {"granularity": "tensor"} for site in sites}})
 
 
 def reparameterize_post_ln(model: nn.Module, *, target: str = "mean", round_zero_point: bool = False,

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from ..recipes import resolve_by_bits
+from ..registry import Registry
 from ..calibration import calibrate
 
-_STEPS: Dict[str, Callable[..., None]] = {}
+STEPS: Registry[str, Callable[..., None]] = Registry("PTQ step")
 
 
 @dataclass
@@ -40,24 +41,17 @@ class PTQContext:
 def register_step(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorator: make ``fn(ctx, **params)`` available to recipes as ``name``."""
 
-    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
-        if name in _STEPS and _STEPS[name] is not fn:
-            raise ValueError(f"PTQ step {name!r} is already registered")
-        _STEPS[name] = fn
-        return fn
-
-    return wrap
+    return STEPS.register(name)
 
 
 def get_step(name: str) -> Callable[..., None]:
-    try:
-        return _STEPS[name]
-    except KeyError:
-        raise KeyError(f"unknown PTQ step {name!r}; known: {', '.join(sorted(_STEPS))}") from None
+    """The PTQ step registered as ``name``."""
+    return STEPS.get(name)
 
 
 def list_steps() -> List[str]:
-    return sorted(_STEPS)
+    """The registered PTQ steps, sorted."""
+    return STEPS.names()
 
 
 @register_step("calibrate")

@@ -13,29 +13,26 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 import torch
 import torch.nn as nn
 
+from ..registry import Registry
 from .batchnorm import reestimate_bn
 from .cga import ConfidenceGuidedAnnealing
 from .oscillation import OscillationTracker, cosine_schedule
 from .regularizers import bin_regularizer, dampening_loss
 
-_CALLBACKS: Dict[str, Type["Callback"]] = {}
+CALLBACKS: Registry[str, Type["Callback"]] = Registry("QAT callback")
 
 
 def register_callback(name: str) -> Callable[[Type["Callback"]], Type["Callback"]]:
+    """Class decorator: make a callback available to recipes as ``name``."""
     def wrap(cls: Type["Callback"]) -> Type["Callback"]:
-        if name in _CALLBACKS and _CALLBACKS[name] is not cls:
-            raise ValueError(f"QAT callback {name!r} is already registered")
-        _CALLBACKS[name] = cls
+        CALLBACKS.add(name, cls)
         cls.name = name
         return cls
     return wrap
 
 
 def create_callback(name: str, options: Optional[Mapping[str, Any]] = None) -> "Callback":
-    try:
-        cls = _CALLBACKS[name]
-    except KeyError:
-        raise KeyError(f"unknown QAT callback {name!r}; known: {', '.join(sorted(_CALLBACKS))}") from None
+    cls = CALLBACKS.get(name)
     try:
         return cls(**dict(options or {}))
     except TypeError as err:
@@ -43,7 +40,8 @@ def create_callback(name: str, options: Optional[Mapping[str, Any]] = None) -> "
 
 
 def list_callbacks() -> List[str]:
-    return sorted(_CALLBACKS)
+    """The registered callbacks, sorted."""
+    return CALLBACKS.names()
 
 
 class Callback:

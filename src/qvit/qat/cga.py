@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from ..models.prepare import iter_weight_sites
 from ..nn import WeightSite
-from ..nn.recompute import side_effect_free
 from ..quantizers import Quantizer
 
 
@@ -79,12 +78,11 @@ class ConfidenceGuidedAnnealing:
                                  "pre-rounding value")
         self.gate_active: Callable[[], bool] = lambda: True
         self._gated: Dict[str, Tuple[int, int]] = {}
-        self._handles = [site.quantizer.register_forward_hook(self._gate_hook(site.site)) for site in self.products]
+        self._handles = [site.quantizer.register_pure_forward_hook(self._gate_hook(site.site)) for site in self.products]
         self._saved: Dict[str, tuple] = {}
 
     def _gate_hook(self, name: str) -> Callable:
         # the output depends only on the quantizer's input, and a repeated pass rewrites the same count
-        @side_effect_free
         def hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             w = args[0]
             if not (torch.is_grad_enabled() and w.requires_grad) or not quantizer.enabled or quantizer.observing \

@@ -33,7 +33,6 @@ import torch.nn as nn
 
 from ..models.prepare import iter_weight_sites
 from ..nn import WeightSite
-from ..nn.recompute import side_effect_free
 from ..quantizers import Quantizer
 
 #: VVTQ's reporting threshold on ``f`` (m = 0.001); Nagel's freezing thresholds are 0.1 -> 0.01.
@@ -98,8 +97,8 @@ class OscillationState(nn.Module):
             self.ema_int.mul_(1 - momentum).add_(x_int, alpha=momentum)
 
 
-@side_effect_free   # reads the frozen state only: it may run again when the backward pass recomputes
 def _freeze_hook(quantizer: Quantizer, args: Tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+    """The frozen weights' values in place of the quantizer's output (pure: it reads the frozen state only)."""
     state: OscillationState = quantizer.oscillation
     if not quantizer.enabled or quantizer.observing or not bool(state.frozen.any()):
         return out
@@ -136,7 +135,7 @@ class OscillationTracker:
             if not hasattr(q, "oscillation"):
                 q.oscillation = OscillationState(value.shape, value.device)
                 if site.frozen_in_place:
-                    q.register_forward_hook(_freeze_hook)
+                    q.register_pure_forward_hook(_freeze_hook)
             elif q.oscillation.freq.shape != value.shape:
                 raise ValueError(f"{site.site}: its oscillation state has shape {tuple(q.oscillation.freq.shape)} but "
                                  f"the site now has {tuple(value.shape)} values (was the model changed, e.g. by QKR, "

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from ..config import QuantConfig
 from ..data import calibration_batch
 from ..models.prepare import prepare
+from ..models.state import quant_state
 from ..calibration import calibrate
 from ..recipes import Recipe, load_recipe, patch_training, resolve_by_bits
 from .callbacks import create_callback
@@ -22,9 +23,10 @@ from .trainer import QATTrainer, TrainConfig, copy_teacher
 def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Dataset, *,
                  eval_loader: Optional[Sequence] = None, w_bits: Optional[int] = None, a_bits: Optional[int] = None,
                  overrides: Optional[Mapping[str, Any]] = None, train_overrides: Optional[Mapping[str, Any]] = None,
-                 out_dir: Union[str, Path] = "outputs/qat", resume: bool = False,
+                 out_dir: Union[str, Path] = "outputs/qat", resume: bool = False, inplace: bool = False,
                  progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Quantization-aware training of a copy of ``model`` with a QAT recipe; returns ``(qmodel, result)``.
+    """Quantization-aware training of a copy of ``model`` (of ``model`` itself with ``inplace``) with a QAT recipe;
+    returns ``(qmodel, result)``.
 
     The quantizers are initialised by :func:`initialise_qat`, then train with the weights. ``train_overrides``
     patch the recipe's ``train`` settings (epochs, lr, batch size ...); overriding ``epochs`` alone scales the
@@ -43,24 +45,25 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     callbacks = [create_callback(name, {k: resolve_by_bits(v, qconfig.w_bits) for k, v in params.items()})
                  for name, params in recipe_callbacks]
     teacher = copy_teacher(model)
-    qmodel = initialise_qat(model, recipe, train_set, qconfig, progress=progress)
+    qmodel = initialise_qat(model, recipe, train_set, qconfig, progress=progress, inplace=inplace)
     trainer = QATTrainer(qmodel, teacher, train_set, eval_loader=eval_loader, config=config, callbacks=callbacks,
                          out_dir=Path(out_dir), progress=progress)
     result = trainer.fit(resume=resume)
     commit_frozen(qmodel)
-    qmodel.qvit_recipe = recipe
+    quant_state(qmodel).recipe = recipe
     return qmodel, result
 
 
 def initialise_qat(model: nn.Module, recipe: Recipe, train_set: Dataset, qconfig: QuantConfig, *,
-                   progress: bool = True) -> nn.Module:
-    """A prepared copy of ``model`` with every quantizer initialised as ``recipe`` says (before any training).
+                   progress: bool = True, inplace: bool = False) -> nn.Module:
+    """A prepared copy of ``model`` (``model`` itself with ``inplace``) with every quantizer initialised as
+    ``recipe`` says (before any training).
 
     ``calibration.num_images`` training images (seed ``calibration.seed``) go through the float network, 64 at a
     time, or with ``calibration.sequential`` as one batch in which each site sees the already-quantized outputs of
     the sites before it. ``qconfig`` is the recipe's resolved ``QuantConfig`` (``recipe.quant_config(w, a)``).
     """
-    qmodel = prepare(copy.deepcopy(model), qconfig)
+    qmodel = prepare(model if inplace else copy.deepcopy(model), qconfig)
     num = int(recipe.calibration.get("num_images", 256))
     calib, _ = calibration_batch(train_set, num, int(recipe.calibration.get("seed", 0)))
     sequential = bool(recipe.calibration.get("sequential", False))

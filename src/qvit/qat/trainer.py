@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from ..backend import get_backend
 from ..evaluate import evaluate
-from ..nn.scratch import release_scratch
-from ..quantizers import Quantizer
+from ..quantizers import Quantizer, quantizer_parameters
 from .callbacks import Callback
 from .losses import distillation_loss, hard_and_soft_loss, soft_cross_entropy
 from .multicrop import SoftLabels, apply_crops, random_boxes
@@ -157,18 +157,6 @@ def shift_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> tor
     return out
 
 
-def quantizer_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Trainable parameters owned by quantizers (LSQ step sizes, LSQ+ offsets, SULQ η ...)."""
-    seen, out = set(), []
-    for m in model.modules():
-        if isinstance(m, Quantizer):
-            for p in m.parameters(recurse=False):
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-    return out
-
-
 def _optimizer(kind: str, groups: List[Dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
@@ -261,7 +249,7 @@ class QATTrainer:
         for cb in self.callbacks:
             cb.setup(self)
 
-        qparams = quantizer_parameters(model)
+        qparams = quantizer_parameters(model.modules())
         qids = {id(p) for p in qparams}
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -518,7 +506,7 @@ class QATTrainer:
                 self._tb.close()
             for cb in self.callbacks:
                 cb.teardown(self)
-            release_scratch()     # the pooled buffers of training's recomputed products
+            get_backend().release()     # e.g. the pooled buffers of training's recomputed products
         self.save_checkpoint()
         return {"steps": self.state.step, "history": self.state.history, "seconds": time.time() - t0,
                 "config": asdict(self.config)}

@@ -1,6 +1,6 @@
 """Quantizer families, one per file, constructible by name from a :class:`QuantSpec`."""
 from ._registry import get_quantizer_class, list_quantizers, register_quantizer
-from .base import NotCalibratedError, Quantizer
+from .base import NotCalibratedError, Quantizer, quantizer_parameters
 from .spec import QuantSpec
 from .ranges import list_ranges, register_range
 from .uniform import UniformQuantizer

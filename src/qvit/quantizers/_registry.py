@@ -1,20 +1,20 @@
 """Name -> quantizer class registry (``@register_quantizer("uniform")``)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type, TypeVar
+from typing import Callable, List, Type, TypeVar
 
-_QUANTIZERS: Dict[str, type] = {}
+from ..registry import Registry
+
+QUANTIZERS: Registry[str, type] = Registry("quantizer kind")
 T = TypeVar("T", bound=type)
 
 
 def register_quantizer(name: str) -> Callable[[T], T]:
-    """Class decorator: make a quantizer family constructible by ``name``."""
+    """Class decorator: make a quantizer family constructible by ``name`` (its ``kind``)."""
 
     def wrap(cls: T) -> T:
-        if name in _QUANTIZERS and _QUANTIZERS[name] is not cls:
-            raise ValueError(f"quantizer kind {name!r} is already registered by {_QUANTIZERS[name].__qualname__}")
+        QUANTIZERS.add(name, cls)
         cls.kind = name
-        _QUANTIZERS[name] = cls
         return cls
 
     return wrap
@@ -22,12 +22,9 @@ def register_quantizer(name: str) -> Callable[[T], T]:
 
 def get_quantizer_class(name: str) -> Type:
     """The class registered as ``name``; a ``KeyError`` naming the known kinds otherwise."""
-    try:
-        return _QUANTIZERS[name]
-    except KeyError:
-        raise KeyError(f"unknown quantizer kind {name!r}; known kinds: {', '.join(list_quantizers())}") from None
+    return QUANTIZERS.get(name)
 
 
 def list_quantizers() -> List[str]:
     """Registered quantizer kinds, sorted."""
-    return sorted(_QUANTIZERS)
+    return QUANTIZERS.names()

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import inspect
 from abc import ABCMeta, abstractmethod
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from .functional import FakeQuantArgs
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS
@@ -41,7 +42,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     def __init__(self, bits: int = 8, *, symmetric: bool = True, signed: Optional[bool] = None,
                  granularity: str = "tensor", axis: int = -1, group_size: int = 1, num_groups: Optional[int] = None,
                  init: str = "minmax",
-                 static: bool = False, **init_options: Any) -> None:
+                 for_weights: bool = False, **init_options: Any) -> None:
         super().__init__()
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"{type(self).__name__}: bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
@@ -61,7 +62,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         self.group_size = group_size
         self.num_groups = num_groups
         self.init = init
-        self.static = static          # weights: calibrate once from the first tensor seen
+        self.for_weights = for_weights    # a weight quantizer calibrates once, from the first tensor it sees
         self.enabled = True
         self.observing = False
         self.lazy_init = False
@@ -72,6 +73,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         self._observed: list = []
         self._keys: list = []
         self._extremes = None
+        self._pure_hooks: set = set()
 
     def _check_init_options(self, init: str, options: Dict[str, Any]) -> Dict[str, Any]:
         from .ranges import list_ranges, get_range
@@ -103,7 +105,8 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         v = int(self.signed_flag)
         return None if v < 0 else bool(v)
 
-    def _channel_axis(self, x: torch.Tensor) -> int:
+    def channel_axis(self, x: torch.Tensor) -> int:
+        """The non-negative index of the channel axis (``axis``) in a tensor shaped like ``x``."""
         axis = self.axis if self.axis >= 0 else x.ndim + self.axis
         if not 0 <= axis < x.ndim:
             raise ValueError(f"{self._name()}: axis {self.axis} out of range for a {x.ndim}-D tensor")
@@ -113,7 +116,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """How many independent parameter sets this quantizer holds for a tensor shaped like ``x``."""
         if self.granularity == "tensor":
             return 1
-        c = x.shape[self._channel_axis(x)]
+        c = x.shape[self.channel_axis(x)]
         if self.granularity == "channel":
             return c
         return c // self.group_size_for(c)
@@ -133,7 +136,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         if self.granularity == "tensor":
             return x.reshape(-1, 1)
         self.num_columns(x)  # validates the axis and the group size with a clear message
-        axis = self._channel_axis(x)
+        axis = self.channel_axis(x)
         xt = x.movedim(axis, -1)
         c = xt.shape[-1]
         if self.granularity == "channel":
@@ -145,7 +148,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         """Broadcast a per-column parameter ``p`` (shape ``[columns]``) against ``x``."""
         if self.granularity == "tensor":
             return p.reshape(())
-        axis = self._channel_axis(x)
+        axis = self.channel_axis(x)
         if self.granularity == "group":
             p = p.repeat_interleave(x.shape[axis] // p.numel())
         shape = [1] * x.ndim
@@ -177,6 +180,14 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
                 keys, rows = torch.cat(self._keys), torch.cat(self._observed)
                 idx = keys.topk(keep, largest=False).indices
                 self._keys, self._observed = [keys[idx]], [rows[idx]]
+
+    def has_observations(self) -> bool:
+        """Whether :meth:`observe` has recorded data not yet used by :meth:`finalize`."""
+        return bool(self._observed)
+
+    def discard_observations(self) -> None:
+        """Forget what :meth:`observe` recorded (the parameters stay as they are)."""
+        self._observed, self._keys, self._extremes = [], [], None
 
     def finalize(self) -> None:
         """Compute the quantization parameters from what was observed, then forget the samples."""
@@ -232,9 +243,9 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         if not self.enabled:
             return x
         if self.observing:
-            if not (self.static and bool(self.initialized)):
+            if not (self.for_weights and bool(self.initialized)):
                 self.observe(x)
-                if self.static:
+                if self.for_weights:
                     self.finalize()
             return x
         if not bool(self.initialized):
@@ -244,6 +255,25 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
                     "before evaluating, or set lazy_init to calibrate on the first batch")
             self.calibrate(x)
         return self.fake_quant(x)
+
+    # ------------------------------------------------------------------ hooks and repeatability
+    def register_pure_forward_hook(self, hook: Callable) -> RemovableHandle:
+        """``register_forward_hook`` for a hook that is deterministic and changes nothing outside its output, so the
+        quantizer may run twice for one output (training recomputes quantized operands in the backward pass)."""
+        handle = self.register_forward_hook(hook)
+        self._pure_hooks.add(handle.id)
+        return handle
+
+    def reruns_safely(self) -> bool:
+        """Whether running the quantizer again on the same input gives the same output and changes no state: it is
+        disabled, or calibrated, not observing, and without hooks other than pure forward hooks."""
+        if not self.enabled:
+            return True
+        if self.observing or not bool(self.initialized):
+            return False    # observing collects statistics; an uncalibrated quantizer would calibrate itself
+        if self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return False
+        return all(key in self._pure_hooks for key in self._forward_hooks)
 
     # ------------------------------------------------------------------ family API
     @abstractmethod
@@ -340,3 +370,16 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
             current.data = value.clone()
         else:
             setattr(module, name, value.clone())
+
+
+def quantizer_parameters(modules: Iterable[Optional[nn.Module]]) -> List[nn.Parameter]:
+    """The trainable parameters (step sizes, offsets, ...) of the quantizers among ``modules``, each once, in order;
+    other modules and ``None`` entries are skipped. ``quantizer_parameters(model.modules())`` gives a model's."""
+    seen, out = set(), []
+    for m in modules:
+        if isinstance(m, Quantizer):
+            for p in m.parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out

@@ -7,31 +7,30 @@ fake quantization of ``cols`` has the lowest mean squared error.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..registry import Registry
+
 Ranges = Tuple[torch.Tensor, torch.Tensor]
 RangeEstimator = Callable[..., Ranges]
-_RANGES: Dict[str, RangeEstimator] = {}
+RANGES: Registry[str, RangeEstimator] = Registry("range estimator (init)")
 
 
 def register_range(name: str) -> Callable[[RangeEstimator], RangeEstimator]:
-    def wrap(fn: RangeEstimator) -> RangeEstimator:
-        _RANGES[name] = fn
-        return fn
-    return wrap
+    """Decorator: make ``fn(cols, ...) -> (lo, hi)`` a quantizer ``init`` named ``name``."""
+    return RANGES.register(name)
 
 
 def list_ranges() -> List[str]:
-    return sorted(_RANGES)
+    """The registered range estimators, sorted."""
+    return RANGES.names()
 
 
 def get_range(name: str) -> RangeEstimator:
-    try:
-        return _RANGES[name]
-    except KeyError:
-        raise KeyError(f"unknown range estimator (init) {name!r}; known: {', '.join(list_ranges())}") from None
+    """The range estimator registered as ``name``."""
+    return RANGES.get(name)
 
 
 @register_range("minmax")

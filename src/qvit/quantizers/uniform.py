@@ -7,6 +7,7 @@ import torch
 
 from ._registry import register_quantizer
 from .base import MIN_SCALE, Quantizer, set_tensor
+from ..backend import get_backend
 from .functional import FakeQuantArgs, affine_fake_quant
 from .ranges import select_by_error
 
@@ -77,7 +78,7 @@ class UniformQuantizer(Quantizer):
 
     # forward / codes -------------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        return affine_fake_quant(x, *self.fake_quant_args(x))
+        return get_backend().fake_quant(x, self.fake_quant_args(x))
 
     def fake_quant_args(self, x: torch.Tensor) -> FakeQuantArgs:
         qmin, qmax = self.code_range()

@@ -4,18 +4,19 @@ import threading
 import pytest
 import torch
 
-from qvit.quantizers import functional, static_kernels
-from qvit.quantizers.static_kernels import StaticKernelCache, call_signature
+import qvit
+from qvit.kernels import fused as kernels
+from qvit.kernels.static_graphs import call_signature
+from qvit.quantizers.functional import FakeQuantArgs
 
 
 @pytest.fixture
-def cache(monkeypatch):
-    """A fresh cache that compiles a signature on its second call, with the fused kernels on."""
-    fresh = StaticKernelCache()
-    monkeypatch.setattr(functional, "STATIC_KERNELS", fresh)
-    monkeypatch.setattr(static_kernels, "PROMOTE_AFTER", 2)
-    monkeypatch.setattr(functional, "_FUSED", True)
-    return fresh
+def cache():
+    """The emptied cache, compiling a signature on its second call, with the fused kernels on."""
+    kernels.reset()
+    with qvit.settings(fused=True, static_kernels=True, static_promote_after=2):
+        yield kernels.STATIC_GRAPHS
+    kernels.reset()
 
 
 def _case():
@@ -37,14 +38,14 @@ def _eager(x, scale, grad):
 
 def test_a_hot_signature_is_compiled_once_and_computes_the_same_values_and_gradients(cache):
     x, scale, grad = _case()
-    args = functional.FakeQuantArgs(scale, None, -8, 7, scale_grad=0.5)
+    args = FakeQuantArgs(scale, None, -8, 7, scale_grad=0.5)
     expected = _eager(x, scale, grad)
     results = []
     for _ in range(3):
         out = torch.empty_like(x)
-        value = functional.affine_fake_quant_value(x, args)
-        into = functional.affine_fake_quant_value(x, args, out=out)
-        _, gx, gs, _ = functional.affine_fake_quant_grads(x, grad, args, value=False, need_x=True)
+        value = kernels.fake_quant_value(x, args)
+        into = kernels.fake_quant_value(x, args, out=out)
+        _, gx, gs, _ = kernels.fake_quant_grads(x, grad, args, value=False, need_x=True)
         results.append((value, into, gx, gs))
     # three kernels (value, value into a buffer, gradients), each compiled on its second call
     assert len(cache) == 3
@@ -60,7 +61,7 @@ def test_autograd_through_a_statically_compiled_kernel(cache):
     for step in range(3):
         leaf = x.clone().requires_grad_()
         scale.grad = None
-        out = functional.affine_fake_quant(leaf, scale, None, -8, 7, scale_grad=0.5)
+        out = kernels.fake_quant(leaf, FakeQuantArgs(scale, None, -8, 7, scale_grad=0.5))
         out.backward(grad)
         assert torch.equal(out.detach(), expected[0]) and torch.equal(leaf.grad, expected[1])
         # the forward pass keeps round(v) - v in float16
@@ -70,24 +71,40 @@ def test_autograd_through_a_statically_compiled_kernel(cache):
 
 def test_the_signature_tells_shapes_layouts_dtypes_and_constants_apart():
     x = torch.randn(4, 6)
-    kernel = functional._fused_fake_quant
+    kernel = kernels._fused_fake_quant
     key = call_signature(kernel, (x, 0.5, None, "gelu"))
     assert key == call_signature(kernel, (torch.randn(4, 6), 0.5, None, "gelu"))
     others = [(torch.randn(4, 7), 0.5, None, "gelu"), (x.t().contiguous().t(), 0.5, None, "gelu"),
               (x.double(), 0.5, None, "gelu"), (x, 0.25, None, "gelu"), (x, 0.5, None, None)]
     assert all(call_signature(kernel, args) != key for args in others)
-    assert call_signature(functional._fused_grads, (x, 0.5, None, "gelu")) != key
+    assert call_signature(kernels._fused_grads, (x, 0.5, None, "gelu")) != key
     assert call_signature(kernel, (x.to("meta"),)) is None          # CPU tensors only
     assert call_signature(kernel, (x, [1, 2])) is None              # unhashable arguments
 
 
-def test_signatures_below_the_threshold_stay_on_the_dynamo_kernel(cache, monkeypatch):
-    monkeypatch.setattr(static_kernels, "PROMOTE_AFTER", 4)
+def test_signatures_below_the_threshold_stay_on_the_dynamo_kernel(cache):
     x, scale, _ = _case()
-    args = functional.FakeQuantArgs(scale, None, -8, 7)
-    for calls in range(1, 5):
-        functional.affine_fake_quant_value(x, args)
-        assert len(cache) == (1 if calls == 4 else 0)
+    args = FakeQuantArgs(scale, None, -8, 7)
+    with qvit.settings(static_promote_after=4):
+        for calls in range(1, 5):
+            kernels.fake_quant_value(x, args)
+            assert len(cache) == (1 if calls == 4 else 0)
+
+
+def test_without_static_kernels_nothing_is_compiled_statically(cache):
+    x, scale, grad = _case()
+    with qvit.settings(static_kernels=False):
+        values = [kernels.fake_quant_value(x, FakeQuantArgs(scale, None, -8, 7)) for _ in range(4)]
+    assert len(cache) == 0 and all(torch.equal(v, _eager(x, scale, grad)[0]) for v in values)
+
+
+def test_the_cache_keeps_at_most_the_configured_number_of_graphs(cache):
+    x, scale, _ = _case()
+    with qvit.settings(static_max_signatures=2):
+        for n in (5, 6, 7):        # three signatures (shapes), two kept
+            for _ in range(2):
+                kernels.fake_quant_value(x[:, :n], FakeQuantArgs(scale, None, -8, 7))
+        assert len(cache) == 2
 
 
 def test_a_signature_that_cannot_be_compiled_keeps_the_dynamo_kernel(cache, monkeypatch):
@@ -98,13 +115,13 @@ def test_a_signature_that_cannot_be_compiled_keeps_the_dynamo_kernel(cache, monk
         raise RuntimeError("inductor failure")
     monkeypatch.setattr(torch._inductor, "compile", broken)
     x, scale, grad = _case()
-    args = functional.FakeQuantArgs(scale, None, -8, 7)
+    args = FakeQuantArgs(scale, None, -8, 7)
     expected = _eager(x, scale, grad)[0]
-    assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
+    assert torch.equal(kernels.fake_quant_value(x, args), expected)
     with pytest.warns(RuntimeWarning, match="could not be compiled statically"):
-        assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
-    assert torch.equal(functional.affine_fake_quant_value(x, args), expected)
-    assert attempts == [1] and len(cache) == 0 and functional.fused_kernels_enabled()
+        assert torch.equal(kernels.fake_quant_value(x, args), expected)
+    assert torch.equal(kernels.fake_quant_value(x, args), expected)
+    assert attempts == [1] and len(cache) == 0 and qvit.get_settings().fused
 
 
 def test_compilation_runs_on_its_own_thread_with_the_callers_autocast_state(cache, monkeypatch):
@@ -117,17 +134,17 @@ def test_compilation_runs_on_its_own_thread_with_the_callers_autocast_state(cach
         return real_compile(*args, **kwargs)
     monkeypatch.setattr(torch._inductor, "compile", recording)
     x, scale, grad = _case()
-    args = functional.FakeQuantArgs(scale, None, -8, 7)
+    args = FakeQuantArgs(scale, None, -8, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        values = [functional.affine_fake_quant_value(x, args) for _ in range(2)]
+        values = [kernels.fake_quant_value(x, args) for _ in range(2)]
     assert seen == [(False, True, torch.bfloat16)] and len(cache) == 1
     assert all(torch.equal(v, _eager(x, scale, grad)[0]) for v in values)
 
 
 def test_with_gradients_recorded_the_graph_gets_detached_inputs(cache):
     x, scale, grad = _case()
-    bounds = functional._bound_tensor(-8, x), functional._bound_tensor(7, x)
+    bounds = torch.tensor(-8.0), torch.tensor(7.0)
     for _ in range(3):
-        value = functional._run(functional._fused_fake_quant, x, scale, None, *bounds, None)
+        value = kernels.run(kernels._fused_fake_quant, x, scale, None, *bounds, None)
         assert value.grad_fn is None and torch.equal(value, _eager(x, scale, grad)[0])
     assert len(cache) == 1

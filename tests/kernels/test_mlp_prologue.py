@@ -1,4 +1,5 @@
-"""QuantMlp: in training the activation runs inside fc2's quantizer kernels; same values and gradients, less stored."""
+"""QuantMlp on the kernel backend: in training the activation runs inside fc2's kernels; same values and gradients,
+less stored."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +7,7 @@ from timm.layers import Mlp
 
 import qvit
 from qvit.nn import QuantMlp
-from qvit.nn.recompute import use_recompute
+from qvit.kernels import mlp_prologue
 
 from .test_recompute import _grads
 
@@ -25,7 +26,7 @@ def _mlp(act_layer=nn.GELU, drop: float = 0.0) -> nn.Module:
 def test_the_activation_inside_fc2_gives_the_plain_values_and_gradients(act_layer, name):
     model = _mlp(act_layer)
     mlp = model[1]
-    assert isinstance(mlp, QuantMlp) and mlp.fused_prologue() == name
+    assert isinstance(mlp, QuantMlp) and mlp_prologue(mlp) == name
     x = torch.randn(4, 5, 12)
     out_f, gx_f, g_f = _grads(model, x, True)
     out_p, gx_p, g_p = _grads(model, x, False)         # timm's forward, the eager kernels through autograd
@@ -41,13 +42,12 @@ def test_the_activation_output_is_not_stored():
     x = torch.randn(8, 50, 12)
 
     def saved(fused: bool) -> int:
-        use_recompute(fused)
         seen = {}
 
         def pack(t):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with qvit.settings(recompute=fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(x.clone().requires_grad_(True))
         out.sum().backward()
         return sum(seen.values())
@@ -57,15 +57,15 @@ def test_the_activation_output_is_not_stored():
 
 def test_timm_forward_runs_when_the_fusion_would_change_something():
     model = _mlp(drop=0.1)
-    assert model[1].fused_prologue() is None                      # dropout between the layers is active
+    assert mlp_prologue(model[1]) is None                      # dropout between the layers is active
     model[1].drop1.p = 0.0
-    assert model[1].fused_prologue() == "gelu"
+    assert mlp_prologue(model[1]) == "gelu"
     handle = model[1].act.register_forward_hook(lambda m, a, o: o)  # a hook must see the activation
-    assert model[1].fused_prologue() is None
+    assert mlp_prologue(model[1]) is None
     handle.remove()
     model.eval()
-    assert model[1].fused_prologue() is None                      # inference: nothing to recompute
+    assert mlp_prologue(model[1]) is None                      # inference: nothing to recompute
     model.train()
     with torch.no_grad():
-        assert model[1].fused_prologue() is None
-    assert _mlp(nn.SiLU)[1].fused_prologue() is None              # no kernel for this activation
+        assert mlp_prologue(model[1]) is None
+    assert mlp_prologue(_mlp(nn.SiLU)[1]) is None              # no kernel for this activation

@@ -2,9 +2,10 @@
 
 A ``torch.compile`` function pays for Dynamo on every call: frame evaluation, guard checks and several layers of
 runtime wrappers, a few hundred Python calls in all. In a training step these run between large matrix products
-that have evicted them from the CPU caches, and each call then costs about 0.3 ms on a 2-core machine, several times
-the work of a small fake-quantization kernel; a ViT step makes hundreds of such calls. Once the same signature
-(kernel, constant arguments, and each tensor's dtype, shape and strides) has been seen :data:`PROMOTE_AFTER` times,
+that have evicted them from the CPU caches, and each call then costs more than the work of a small
+fake-quantization kernel (measurements in ``docs/performance.md``); a ViT step makes hundreds of such calls. Once the same signature
+(kernel, constant arguments, and each tensor's dtype, shape and strides) has been seen ``static_promote_after``
+times (:mod:`qvit.runtime`),
 :class:`StaticKernelCache` traces the kernel for exactly those inputs (``make_fx``) and compiles the graph with
 Inductor (``torch._inductor.compile``), on a short-lived thread of its own (see :func:`_on_own_thread`); later calls
 with that signature go straight to the compiled graph. Nothing in such a graph depends on a guard other than the
@@ -21,10 +22,7 @@ from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
-#: calls of one signature before it is compiled statically (a training step repeats each one once per block)
-PROMOTE_AFTER = 32
-#: most signatures kept compiled; beyond that the oldest are dropped
-MAX_SIGNATURES = 256
+from ..runtime import Settings
 
 Signature = Tuple[Hashable, ...]
 T = TypeVar("T")
@@ -56,7 +54,7 @@ def _on_own_thread(fn: Callable[[], T]) -> T:
 
     glibc gives a new thread its own malloc arena. Compiling makes many small allocations that outlive it (graphs,
     code, caches); made on the training thread in the middle of a step, they land in the holes that freed
-    activations leave in the main heap and split them, so the heap grows (about 100 MB on deit_small)."""
+    activations leave in the main heap and split them, so the heap grows (``docs/performance.md``)."""
     box: Dict[str, object] = {}
 
     def run() -> None:
@@ -110,7 +108,8 @@ class _StaticGraph:
 
 
 class StaticKernelCache:
-    """Counts each signature's calls and compiles it statically on its :data:`PROMOTE_AFTER`-th call."""
+    """Counts each signature's calls and compiles it statically on its ``static_promote_after``-th call; keeps at most
+    ``static_max_signatures`` graphs (the oldest go first)."""
 
     def __init__(self) -> None:
         self._counts: Dict[Signature, int] = {}
@@ -121,7 +120,12 @@ class StaticKernelCache:
         """Signatures compiled so far."""
         return sum(g is not None for g in self._graphs.values())
 
-    def lookup(self, kernel: Callable, args: Sequence) -> Optional[_StaticGraph]:
+    def clear(self) -> None:
+        """Forget every count and compiled graph."""
+        self._counts.clear()
+        self._graphs.clear()
+
+    def lookup(self, kernel: Callable, args: Sequence, settings: Settings) -> Optional[_StaticGraph]:
         """The compiled graph for ``kernel(*args)``, compiling it when the signature has become hot; ``None`` while
         it has not or where it cannot be compiled. The graph records no autograd history: call it without gradient
         recording or with detached tensors."""
@@ -132,8 +136,8 @@ class StaticKernelCache:
         if graph is not _UNSEEN:
             return graph
         count = self._counts[key] = self._counts.get(key, 0) + 1
-        if count < PROMOTE_AFTER:
-            if len(self._counts) > 16 * MAX_SIGNATURES:
+        if count < settings.static_promote_after:
+            if len(self._counts) > 16 * settings.static_max_signatures:
                 self._counts.clear()      # shapes that never repeat enough (e.g. varying batch sizes)
             return None
         del self._counts[key]
@@ -143,7 +147,7 @@ class StaticKernelCache:
             graph = None
             warnings.warn(f"qvit: {getattr(kernel, '__name__', kernel)} could not be compiled statically "
                           f"({type(err).__name__}); it keeps its Dynamo-compiled version", RuntimeWarning)
-        if len(self._graphs) >= MAX_SIGNATURES:
+        while len(self._graphs) >= settings.static_max_signatures:
             del self._graphs[next(iter(self._graphs))]
         self._graphs[key] = graph
         return graph

@@ -4,9 +4,9 @@ The quantized factors of a product (``x̂``, ``Ŵ``, ``q̂``, ``k̂``, the quant
 intermediate gradients of its backward pass live only while that pass runs, and every layer of the same shape
 forms them again. Left to the C allocator, each is a fresh multi-megabyte block: glibc keeps freed blocks in its
 heap, the small long-lived allocations of the autograd graph land in the holes they leave, and the holes no longer
-fit the next block of that size, so the heap keeps growing (the resident memory of QAT grew about 30 % beyond the
-bytes actually live). Borrowing these tensors from a pool keeps them out of the heap: a few buffers, as many as one
-pass uses at once, held between passes and reused by whichever pass comes next.
+fit the next block of that size, so the heap keeps growing beyond the bytes actually live (``docs/performance.md``).
+Borrowing these tensors from a pool keeps them out of the heap: a few buffers, as many as one pass uses at once,
+held between passes and reused by whichever pass comes next.
 
 Pools are per thread (autograd may run backward passes on its own threads) and serve CPU tensors only: the CUDA
 caching allocator already reuses blocks by size.
@@ -19,8 +19,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-#: most pooled buffers kept per dtype and thread; beyond that the least recently returned are dropped
-MAX_POOLED = 8
+from ..runtime import get_settings
+
 _LOCAL = threading.local()
 
 
@@ -67,10 +67,11 @@ class Scratch:
 
     def __exit__(self, *exc) -> None:
         pools = _free_lists()
+        keep = get_settings().scratch_max_pooled     # per dtype; the least recently returned are dropped
         for flat in self._taken:
             free = pools.setdefault(flat.dtype, [])
             free.append(flat)
-            del free[:-MAX_POOLED]
+            del free[:-keep]
         self._taken.clear()
 
 

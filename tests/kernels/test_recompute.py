@@ -7,8 +7,7 @@ import torch
 import torch.nn as nn
 
 import qvit
-from qvit.nn.recompute import can_recompute, use_recompute
-from qvit.quantizers.functional import use_fused_kernels
+from qvit.kernels.recompute import can_recompute
 from qvit.qat import OscillationTracker
 from qvit.recipes import load_recipe
 
@@ -25,12 +24,11 @@ def _linear(kind: str) -> nn.Module:
 def _grads(model: nn.Module, x: torch.Tensor, recompute: bool):
     """Output, input gradient and parameter gradients; without recomputation, the eager kernels (exact
     ``round(v) - v``, as the recomputed path's direct gradients)."""
-    use_recompute(recompute)
-    use_fused_kernels(recompute)
     model.zero_grad()
     x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    with qvit.settings(recompute=recompute, fused=recompute):
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     named = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.detach(), x.grad.clone(), named
 
@@ -119,12 +117,14 @@ def test_observing_uninitialized_or_hooked_quantizers_fall_back():
     layer.train()
     with torch.no_grad():
         assert not can_recompute(layer, qs)
-    use_recompute(False)
-    assert not can_recompute(layer, qs)
+    with qvit.settings(recompute=False):
+        assert not can_recompute(layer, qs)
+    handle = layer.weight_quantizer.register_pure_forward_hook(lambda m, a, o: o)   # declared pure: may rerun
+    assert can_recompute(layer, qs)
+    handle.remove()
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor, recompute: bool) -> int:
-    use_recompute(recompute)
     seen, total = set(), 0
 
     def pack(t: torch.Tensor):
@@ -135,7 +135,7 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor, recompute: bool) -> int:
             total += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with qvit.settings(recompute=recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(x).sum()         # what the forward pass keeps for the backward pass
     loss.backward()
     return total
@@ -150,7 +150,7 @@ def test_recomputation_stores_far_less_for_the_backward_pass():
 
 
 def test_unhooked_affine_quantizers_get_direct_gradients_and_others_their_graph():
-    from qvit.nn.recompute import _direct_args
+    from qvit.kernels.recompute import _direct_args
     from qvit.quantizers import LSQPlusQuantizer
     layer = _linear("statsq")[0]
     x = torch.randn(4, 5, 12)

@@ -15,88 +15,42 @@ and back-propagated with ``torch.autograd.grad``. The gradients are those of the
 rounding). Quantizer parameters are inputs of the autograd function, so their gradients arrive through the
 ordinary graph (gradient hooks, gradient accumulation and distributed reducers see them as usual). No matrix
 product is recomputed. The quantized factors and intermediate gradients, which live only within one pass, are
-borrowed from :mod:`qvit.nn.scratch` (CPU).
+borrowed from :mod:`.scratch` (CPU).
 
 Recomputation is used only when re-running the quantizers is free of side effects (see :func:`can_recompute`);
-otherwise the layer records its graph as usual. ``QVIT_RECOMPUTE=0`` or :func:`use_recompute` turns it off.
+otherwise the layer records its graph as usual. ``qvit.settings(recompute=False)`` (``QVIT_RECOMPUTE=0``) turns it
+off.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from functools import lru_cache
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..quantizers.functional import (PROLOGUES, FakeQuantArgs, affine_fake_quant_grads, affine_fake_quant_value,
-                                     fused_without_grad, prologue_function)
+from ..nn.functional import scaled_matmul
+from ..quantizers import Quantizer, quantizer_parameters
+from ..quantizers.functional import FakeQuantArgs
+from ..runtime import get_settings
+from .fused import PROLOGUES, fake_quant_grads, fake_quant_value, prologue_function, recomputing
 from .scratch import Scratch
 
-_ENABLED: Optional[bool] = None
 
-
-def recompute_enabled() -> bool:
-    """Whether training-time quantized layers recompute their quantized operands in the backward pass.
-
-    Set by :func:`use_recompute`; by default from the environment variable ``QVIT_RECOMPUTE`` (``0`` turns it off).
-    """
-    global _ENABLED
-    if _ENABLED is None:
-        _ENABLED = os.environ.get("QVIT_RECOMPUTE", "1").strip().lower() not in ("0", "false", "no", "off")
-    return _ENABLED
-
-
-def use_recompute(enabled: bool) -> None:
-    """Turn backward-pass recomputation of quantized operands on or off for this process."""
-    global _ENABLED
-    _ENABLED = bool(enabled)
-
-
-def side_effect_free(hook: Callable) -> Callable:
-    """Mark a quantizer forward hook as deterministic and free of side effects, so it may run twice per step."""
-    hook.qvit_side_effect_free = True
-    return hook
-
-
-def _quantizer_is_pure(q: Optional[nn.Module]) -> bool:
-    if q is None or not getattr(q, "enabled", True):
-        return True
-    if getattr(q, "observing", False) or not bool(getattr(q, "initialized", True)):
-        return False    # observing collects statistics; an uninitialized quantizer would calibrate itself
-    if q._forward_pre_hooks or q._backward_hooks or getattr(q, "_backward_pre_hooks", None):
-        return False
-    return all(getattr(h, "qvit_side_effect_free", False) for h in q._forward_hooks.values())
-
-
-def can_recompute(module: nn.Module, quantizers: Sequence[Optional[nn.Module]]) -> bool:
+def can_recompute(module: nn.Module, quantizers: Sequence[Optional[Quantizer]]) -> bool:
     """Whether ``module`` may run its quantizers under ``no_grad`` and again in the backward pass.
 
-    True when recomputation is enabled, gradients are being recorded, ``module`` is training, nothing is being
-    compiled, and every quantizer in ``quantizers`` (``None`` for float sites) is disabled or calibrated, not
-    observing, and has no hooks other than ones marked with :func:`side_effect_free`.
+    True when ``settings.recompute`` is on, gradients are being recorded, ``module`` is training, nothing is being
+    compiled, and every quantizer in ``quantizers`` (``None`` for float sites) :meth:`~Quantizer.reruns_safely`.
     """
-    if not (recompute_enabled() and torch.is_grad_enabled() and module.training):
+    if not (get_settings().recompute and torch.is_grad_enabled() and module.training):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return False
-    return all(_quantizer_is_pure(q) for q in quantizers)
-
-
-def quantizer_parameters(quantizers: Sequence[Optional[nn.Module]]) -> List[torch.Tensor]:
-    """The trainable parameters of ``quantizers`` (each once)."""
-    seen, out = set(), []
-    for q in quantizers:
-        if q is None:
-            continue
-        for p in q.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+    return all(q is None or q.reruns_safely() for q in quantizers)
 
 
 AutocastState = Tuple[str, bool, torch.dtype]
@@ -128,22 +82,6 @@ def _grads(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]
     for i, g in zip(wanted, grads):
         result[i] = g
     return result
-
-
-def scaled_matmul(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``alpha · (a @ b)`` for ``a`` ``[..., n, k]`` and ``b`` ``[..., k, m]`` with equal batch dimensions, the factor
-    applied inside the matrix product (no separate pass over the ``[..., n, m]`` result); written into ``out``
-    (contiguous ``[..., n, m]``) when given."""
-    if alpha == 1.0:
-        return a @ b if out is None else torch.matmul(a, b, out=out)
-    batch = a.shape[:-2]
-    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    if out is not None:
-        torch.baddbmm(out.view(-1, *out.shape[-2:]), a3, b3, beta=0.0, alpha=alpha, out=out.view(-1, *out.shape[-2:]))
-        return out
-    result = torch.baddbmm(a.new_zeros(()), a3, b3, beta=0.0, alpha=alpha)
-    return result.reshape(*batch, *result.shape[-2:])
 
 
 @lru_cache(maxsize=None)
@@ -196,7 +134,7 @@ class _Factor:
                 self.value = prologue_function(self.prologue)(self.t)
         elif self.args is not None:
             out = None if scratch is None else scratch.empty_like(self.t)
-            self.value = affine_fake_quant_value(self.t, self.args, self.prologue, out=out)
+            self.value = fake_quant_value(self.t, self.args, self.prologue, out=out)
         else:
             self.leaf = _leaf(self.t, self.needs_grad)
             self.value = self.quantizer(prologue_function(self.prologue)(self.leaf))
@@ -226,7 +164,7 @@ class _Factor:
                 self.compute_value()
             self.grad = PROLOGUES[self.prologue][1](grad_value, self.t) if self.needs_grad else None
         elif self.args is not None:
-            out, self.grad, grad_scale, grad_offset = affine_fake_quant_grads(
+            out, self.grad, grad_scale, grad_offset = fake_quant_grads(
                 self.t, grad_value, self.args, value=value, need_x=self.needs_grad, prologue=self.prologue,
                 out=scratch.empty_like(self.t) if value and scratch is not None else None)
             if value:
@@ -253,7 +191,7 @@ class _QuantProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qa, qb, alpha, transpose_b, prologue, a, b, bias, *params):
         # the kernels the backward pass runs, for the same values; the quantized factors in pooled buffers
-        with torch.no_grad(), fused_without_grad(), Scratch() as scratch:
+        with torch.no_grad(), recomputing(), Scratch() as scratch:
             a_hat = _Factor(qa, a, False, prologue).compute_value(scratch)
             b_hat = _Factor(qb, b, False).compute_value(scratch)
             if b.dim() == 2 and transpose_b:
@@ -307,7 +245,7 @@ class _QuantProduct(torch.autograd.Function):
 
 def quant_linear(module: nn.Module, x: torch.Tensor, prologue: Optional[str] = None) -> torch.Tensor:
     """``QuantLinear``'s training forward ``[..., in] -> [..., out]`` with quantized operands recomputed in backward;
-    with a ``prologue`` (a name in :data:`~qvit.quantizers.functional.PROLOGUES`) the layer's input is ``f(x)``."""
+    with a ``prologue`` (a name in :data:`~.fused.PROLOGUES`) the layer's input is ``f(x)``."""
     qa, qb = module.input_quantizer, module.weight_quantizer
     return _QuantProduct.apply(qa, qb, 1.0, True, prologue, x, module.weight, module.bias,
                                *quantizer_parameters((qa, qb)))

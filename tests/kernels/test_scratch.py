@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import qvit
-from qvit.nn.scratch import Scratch, release_scratch, scratch_bytes
+from qvit.kernels.scratch import Scratch, release_scratch, scratch_bytes
 
 
 def test_buffers_are_reused_after_the_block_and_distinct_within_it():

@@ -89,8 +89,10 @@ class KernelBackend(Backend):
                   dropout: Optional[nn.Module] = None, add_to_logits: Optional[Callable[..., torch.Tensor]] = None,
                   logit_terms: Sequence[torch.Tensor] = ()) -> Optional[torch.Tensor]:
         dropping = dropout is not None and dropout.training and getattr(dropout, "p", 0.0) > 0
+        if module.tap is not None or dropping:
+            return None
         quant = {name: getattr(module, f"{name}_quantizer") for name, _ in module.quant_slots}
-        if module.tap is not None or dropping or not can_recompute(module, tuple(quant.values())):
+        if not can_recompute(module, tuple(quant.values())):
             return None
         # two products with recomputed quantized factors; the softmax output between them is stored. Views into
         # qkv would make the compiled kernels write strided memory, several times slower than one copy.

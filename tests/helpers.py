@@ -63,19 +63,17 @@ def rebuild_and_compare(q, y):
 
 
 def statsq_test_vit(w_bits: int = 2, a_bits: int = 4, qkr: bool = True):
-    """timm's ``test_vit`` (32 px) prepared with StatsQ weights and LSQ activations, calibrated on random images and,
-    with ``qkr``, switched to OFQ's query-key reparameterization."""
+    """timm's ``test_vit`` (32 px) prepared with StatsQ weights and LSQ activations and, with ``qkr``, OFQ's
+    query-key reparameterization (``transforms``), calibrated on random images."""
     import timm
     import torch
 
     import qvit
-    from qvit.nn.qkr import enable_qkr
     torch.manual_seed(0)
     model = qvit.prepare(timm.create_model("test_vit", img_size=32), {
         "weight": {"kind": "statsq", "granularity": "channel", "axis": 0},
-        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": w_bits, "a_bits": a_bits})
+        "activation": {"kind": "lsq", "symmetric": True, "init": "lsq"}, "w_bits": w_bits, "a_bits": a_bits,
+        "roles": {"attn.qkx": {"granularity": "channel", "axis": 1}},
+        "transforms": ["query_key_reparameterization"] if qkr else []})
     qvit.calibrate(model, torch.randn(4, 3, 32, 32), progress=False)
-    if qkr:
-        enable_qkr(model, {"kind": "statsq", "granularity": "channel", "axis": 0},
-                   {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1, "init": "lsq"})
     return model

@@ -15,14 +15,36 @@ def folder(tmp_path):
 
 
 def test_ptq_end_to_end_on_an_image_folder(folder, tmp_path, capsys):
-    out = tmp_path / "res.json"
-    rc = main(["ptq", "--model", "test_vit", "--data", str(folder), "--num-classes", "2", "--w-bits", "4",
-               "--a-bits", "4", "--calib-images", "4", "--no-progress", "--describe", "--output", str(out)])
+    """The command reports the numbers of the model the Python API builds from the same weights and images, and
+    saves that very model."""
+    from qvit.data import build_dataset, calibration_batch, create_eval_transform, create_loader
+    torch.manual_seed(1)
+    model = timm.create_model("test_vit", num_classes=2).eval()
+    ckpt = tmp_path / "w.pth"
+    torch.save(model.state_dict(), ckpt)
+    out, packed = tmp_path / "res.json", tmp_path / "q.safetensors"
+    rc = main(["ptq", "--model", "test_vit", "--checkpoint", str(ckpt), "--data", str(folder), "--num-classes", "2",
+               "--w-bits", "4", "--a-bits", "4", "--calib-images", "4", "--no-progress", "--describe",
+               "--output", str(out), "--save", str(packed)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "minmax W4A4" in text and "blocks.0.attn.probs" in text
     res = json.loads(out.read_text())
-    assert res["w_bits"] == 4 and res["eval_images"] == 8 and 0 <= res["top1"] <= 100
+    assert (res["recipe"], res["w_bits"], res["a_bits"], res["eval_images"], res["calib_images"]) == (
+        "minmax", 4, 4, 8, 4)
+
+    transform = create_eval_transform(model)
+    val = create_loader(build_dataset(folder, "val", transform), batch_size=8)
+    calib, _ = calibration_batch(build_dataset(folder, "train", transform), 4, 0)
+    expected = qvit.quantize(model, "minmax", calib, w_bits=4, a_bits=4, progress=False).model
+    assert res["fp_top1"] == qvit.evaluate(model, val, progress=False).top1
+    quantized = qvit.evaluate(expected, val, progress=False)
+    assert (res["top1"], res["top5"]) == (quantized.top1, quantized.top5)
+    saved = qvit.load(packed)
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        assert torch.equal(saved(x), expected(x))          # the saved model is the one the API builds
+        assert not torch.equal(expected(x), model(x))      # and it is quantized
 
 
 def test_eval_with_local_checkpoint(folder, tmp_path, capsys):

@@ -46,6 +46,8 @@ EARLIER_VERSIONS = {
     ("nagel_dampen", 2): "the reference's initialisation, qvit's per-step cosine for weights and step sizes",
     ("nagel_freeze", 2): "calibrated on the float network",
     ("ofq", 2): "min-max activation ranges calibrated on the float network",
+    ("ofq", 3): "query-key reparameterization applied after calibration: the W_qk·x^T step set on the first "
+                "training batch",
 }
 #: (record field, column label, decimals of the percentage)
 MEASURES = (("osc_fraction", "osc. f > 0.005, end (%)", 3), ("repeat_reversal_fraction", ">= 4 reversals (%)", 2),

@@ -73,7 +73,7 @@ def quantize(model: nn.Module, recipe: Union[str, Recipe, QuantConfig, Mapping[s
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a recipe name, a Recipe or a QuantConfig, got {type(recipe).__name__}")
-    if recipe.kind == "ptq":
+    if recipe.pipeline == "ptq":
         from .ptq import quantize_ptq
         unknown = set(options) - {"batch_size"}
         if unknown:

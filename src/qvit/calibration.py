@@ -43,7 +43,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
     ``data`` may also be a forward loop ``fn(model)`` that runs the calibration data through the model itself
     (``sequential``: its first batch calibrates the sites it reaches).
     """
-    pending = [(site, q) for site, _, q in iter_quantizers(model) if not bool(q.initialized)]
+    pending = [(site, q) for site, _, q in iter_quantizers(model) if not bool(q.calibrated)]
     if weights_only:
         pending = [(s, q) for s, q in pending if q.for_weights]
     if not pending:
@@ -54,7 +54,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     for _, q in pending:
         if sequential:
-            q.lazy_init = True
+            q.calibrate_lazily = True
         else:
             q.observing = True
     try:
@@ -78,7 +78,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
         if seen == 0 and not weights_only:
             raise ValueError("calibrate() got no data")
         for site, q in pending:
-            if q.for_weights and not bool(q.initialized):
+            if q.for_weights and not bool(q.calibrated):
                 module_weight = _weight_of(model, site)
                 if module_weight is not None:
                     q.calibrate(module_weight.detach())
@@ -90,7 +90,7 @@ def calibrate(model: nn.Module, data: Batches, *, sequential: bool = False, batc
     finally:
         for _, q in pending:
             q.observing = False
-            q.lazy_init = False
+            q.calibrate_lazily = False
         model.train(was_training)
         get_backend().release()      # the observed samples and range searches are gone: give their memory back
     return model
@@ -104,4 +104,4 @@ def _weight_of(model: nn.Module, site: str) -> Optional[torch.Tensor]:
 
 def uncalibrated_sites(model: nn.Module) -> List[str]:
     """Sites whose quantizer is enabled but not calibrated."""
-    return [site for site, _, q in iter_quantizers(model) if not bool(q.initialized)]
+    return [site for site, _, q in iter_quantizers(model) if not bool(q.calibrated)]

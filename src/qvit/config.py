@@ -5,7 +5,7 @@ import copy
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
@@ -59,6 +59,10 @@ class QuantConfig:
 
     A site whose patches set no ``bits`` (or ``bits: null``) gets ``w_bits`` (weights) or ``a_bits``.
 
+    ``transforms`` names structural rewrites that ``prepare`` applies after swapping the modules, in order
+    (``qvit.models.list_transforms()``; e.g. ``query_key_reparameterization``, whose new sites take their specs from
+    the roles ``attn.qk_weight`` and ``attn.qkx`` like any other site).
+
     Roles not listed keep the defaults; a role patch is merged into the built-in patch of that role. A patch
     (including one of ``weight``/``activation``) that switches ``kind`` drops the inherited family settings
     (``init``, ``symmetric`` and options) and keeps only the placement keys (bits, granularity, axis, group size,
@@ -71,10 +75,13 @@ class QuantConfig:
     activation: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ACTIVATION))
     roles: Dict[str, Dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_ROLES))
     overrides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    transforms: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
             QuantSpec(bits=getattr(self, name))  # validates the range with a clear message
+        if not isinstance(self.transforms, list) or not all(isinstance(t, str) for t in self.transforms):
+            raise ValueError(f"transforms must be a list of transform names, got {self.transforms!r}")
 
     def spec_for(self, site: str, role: str, is_weight: bool) -> QuantSpec:
         """The spec for the site named ``site`` with role ``role``."""
@@ -92,7 +99,7 @@ class QuantConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dict(w_bits=self.w_bits, a_bits=self.a_bits, weight=dict(self.weight),
                     activation=dict(self.activation), roles=copy.deepcopy(self.roles),
-                    overrides=copy.deepcopy(self.overrides))
+                    overrides=copy.deepcopy(self.overrides), transforms=list(self.transforms))
 
     @classmethod
     def from_dict(cls, data: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> "QuantConfig":
@@ -111,7 +118,9 @@ class QuantConfig:
         for role, p in (patch.get("roles") or {}).items():
             out.roles[role] = {**out.roles.get(role, {}), **(p or {})}
         out.overrides.update(patch.get("overrides") or {})
-        unknown = set(patch) - {"w_bits", "a_bits", "weight", "activation", "roles", "overrides"}
+        if patch.get("transforms") is not None:
+            out.transforms = patch["transforms"] if isinstance(patch["transforms"], list) else [patch["transforms"]]
+        unknown = set(patch) - {"w_bits", "a_bits", "weight", "activation", "roles", "overrides", "transforms"}
         if unknown:
             raise ValueError(f"unknown QuantConfig keys: {sorted(unknown)}")
         out.__post_init__()

@@ -105,9 +105,9 @@ def test_observing_uninitialized_or_hooked_quantizers_fall_back():
     layer.input_quantizer.observing = True
     assert not can_recompute(layer, qs)
     layer.input_quantizer.observing = False
-    layer.weight_quantizer.initialized.fill_(False)
+    layer.weight_quantizer.calibrated.fill_(False)
     assert not can_recompute(layer, qs)
-    layer.weight_quantizer.initialized.fill_(True)
+    layer.weight_quantizer.calibrated.fill_(True)
     handle = layer.weight_quantizer.register_forward_hook(lambda m, a, o: o)   # unknown hook: may have effects
     assert not can_recompute(layer, qs)
     handle.remove()

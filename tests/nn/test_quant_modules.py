@@ -72,7 +72,7 @@ def test_attention_probs_site_quantizes_softmax_output():
     QuantAttention.convert(attn, specs)
     seen = []
     attn.probs_quantizer.register_forward_hook(lambda m, i, o: seen.append(o))
-    attn.probs_quantizer.lazy_init = True
+    attn.probs_quantizer.calibrate_lazily = True
     attn(torch.randn(1, 5, 16))
     levels = torch.unique(seen[0])
     assert len(levels) <= 4  # a 2-bit grid

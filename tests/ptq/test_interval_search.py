@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import qvit
-from qvit.ptq import quant_state
+from qvit.ptq import quantizers_enabled
 from qvit.ptq.interval_search import capture, find_search_ops, interval_search
 
 def _weight_only_linear(out_features: int, weight: dict) -> nn.Module:
@@ -69,7 +69,7 @@ def test_captured_gradient_is_the_task_loss_gradient():
     ops = find_search_ops(model)
     assert [op.name for op in ops] == ["0", "2"]
     data = capture(model, ops, x, gradients=True, batch_size=4)
-    with torch.no_grad(), quant_state(model, weights=False, acts=False):
+    with torch.no_grad(), quantizers_enabled(model, weights=False, acts=False):
         hidden = model[1](model[0](x))
         logits = model[2](hidden)
     expected = logits.softmax(-1) - F.one_hot(logits.argmax(-1), 5)

@@ -76,7 +76,7 @@ def test_every_recipe_runs_end_to_end_on_test_vit(name):
     assert ((out - ref).norm() / ref.norm()).item() < 0.6
     assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min().item() > 0.8
     enabled = [(site, qz) for site, _, qz in iter_quantizers(q) if qz.enabled]
-    assert enabled and all(bool(qz.initialized) for _, qz in enabled)
+    assert enabled and all(bool(qz.calibrated) for _, qz in enabled)
 
 
 def test_quick_variant_patches_calibration_and_steps():

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 import qvit
 from qvit.calibration import calibrate
 from qvit.ptq import list_steps
-from qvit.ptq.reconstruct import (capture_unit_io, find_units, lp_loss, qdrop, quant_state, reconstruct,
+from qvit.ptq.reconstruct import (capture_unit_io, find_units, lp_loss, qdrop, quantizers_enabled, reconstruct,
                                   reconstruct_unit, trainable_parameters, unit_data, unit_loss)
 from qvit.quantizers import Quantizer
 from qvit.recipes import Recipe
@@ -127,9 +127,9 @@ def test_quantized_input_source_follows_the_reconstructed_quantized_model(monkey
     assert torch.equal(used, capture_unit_io(q, "blocks.1", x)[0])
 
 
-def test_quant_state_switches_weights_and_acts():
+def test_quantizers_enabled_switches_weights_and_acts():
     q = calibrated(tiny_vit(), images())
-    with quant_state(q, weights=False, acts=True):
+    with quantizers_enabled(q, weights=False, acts=True):
         states = {(qz.for_weights, qz.enabled) for _, _, qz in qvit.iter_quantizers(q)}
         assert states == {(True, False), (False, True)}
     assert all(qz.enabled for _, _, qz in qvit.iter_quantizers(q))
@@ -140,7 +140,7 @@ def test_qdrop_extremes():
     q = calibrated(fp, x)
     with torch.no_grad():
         quantized = q(x)
-        with quant_state(q, acts=False):
+        with quantizers_enabled(q, acts=False):
             float_acts = q(x)
         with qdrop(q, 1.0):
             dropped_all = q(x)
@@ -162,16 +162,16 @@ def test_qdrop_reconstruction_runs():
 
 
 def test_step_through_quantize_ptq():
-    assert {"reconstruct", "quant_state"} <= set(list_steps())
+    assert {"reconstruct", "set_quantizers"} <= set(list_steps())
     fp, x = tiny_vit(), images()
     recipe = Recipe.from_dict({
         "name": "sos_tiny",
         "config": {"weight": {"kind": "uniform", "symmetric": True, "granularity": "channel", "axis": 0}},
         "steps": [
-            {"quant_state": {"weights": False}},
+            {"set_quantizers": {"weights": False}},
             {"calibrate": {"sequential": False}},
             {"reconstruct": {"input_source": "fp", "iters": 4, "batch_size": 8, "lr": 1e-3}},
-            {"quant_state": {"weights": True, "recalibrate_weights": True}},
+            {"set_quantizers": {"weights": True, "recalibrate_weights": True}},
             {"reconstruct": {"input_source": "quantized", "iters": 4, "batch_size": 8, "lr": 1e-3,
                              "units": ["blocks.*"]}},
         ],
@@ -181,7 +181,7 @@ def test_step_through_quantize_ptq():
     assert [r["input_source"] for r in recs] == ["fp", "quantized"]
     assert [u["unit"] for u in recs[1]["units"]] == ["blocks.0", "blocks.1"]
     assert all(u["first_loss"] is not None and u["last_loss"] is not None for u in recs[0]["units"])
-    assert all(qz.enabled and bool(qz.initialized) for _, _, qz in qvit.iter_quantizers(q))
+    assert all(qz.enabled and bool(qz.calibrated) for _, _, qz in qvit.iter_quantizers(q))
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()
 

@@ -19,7 +19,7 @@ def _layer(weight: torch.Tensor, kind: str = "uniform") -> nn.Module:
         model[0].weight.copy_(weight)
     q = model[0].weight_quantizer
     q.set_params(torch.ones(1), torch.zeros(1))
-    q.initialized.fill_(True)
+    q.calibrated.fill_(True)
     return model
 
 

@@ -41,8 +41,8 @@ def test_every_qat_recipe_runs(name, tmp_path):
         assert rows[0]["freeze_threshold"] == 0.0 and rows[-1]["freeze_threshold"] == pytest.approx(0.011)
     if "confidence_guided_annealing" in callbacks:   # its last 30 of 340 epochs, scaled to the 2-epoch budget
         assert rows[0]["cga_trainable_fraction"] == 1.0 and rows[-1]["cga_trainable_fraction"] < 0.2
-    if "query_key_reparameterization" in callbacks:
-        assert qmodel.blocks[0].attn.qkr and qmodel.blocks[0].attn.qkx_quantizer.initialized
+    if "query_key_reparameterization" in recipe.config.get("transforms", []):
+        assert qmodel.blocks[0].attn.qkr and qmodel.blocks[0].attn.qkx_quantizer.calibrated
         assert not qmodel.blocks[0].attn.qk_weight_quantizer._forward_hooks     # CGA's gate left with the trainer
     rows_sites = {r.site: r for r in qvit.describe(qmodel)}
     assert rows_sites["blocks.0.mlp.fc1.weight"].bits == 3 and rows_sites["head.weight"].bits == 8
@@ -54,9 +54,15 @@ def test_qat_rejects_a_ptq_recipe(tmp_path):
 
 
 def test_per_bit_training_settings_resolve_by_weight_bits():
+    import yaml
+
     from qvit.recipes import resolve_by_bits
-    lr = load_recipe("nagel_freeze").train["lr"]
-    assert resolve_by_bits(lr, 3) == 0.01 and resolve_by_bits(lr, 4) == 0.0033 and resolve_by_bits(lr, 2) == 0.0033
+    table = yaml.safe_load("lr: {3: 0.01, default: 0.0033}")["lr"]          # YAML gives integer keys
+    assert resolve_by_bits(table, 3) == 0.01 and resolve_by_bits(table, 2) == 0.0033
+    assert resolve_by_bits({"3": 0.01, "4": 0.02}, 4) == 0.02                # and JSON string keys
+    assert resolve_by_bits(0.5, 3) == 0.5 and resolve_by_bits({"kind": "lsq"}, 3) == {"kind": "lsq"}
+    with pytest.raises(ValueError, match="no value for 2 bits"):
+        resolve_by_bits({3: 0.01}, 2)
 
 
 def test_batch_override_scales_lr_linearly_unless_lr_given(tmp_path):
@@ -98,6 +104,15 @@ def test_sequential_calibration_initialises_on_the_quantized_network():
 def test_a_qat_recipe_rejects_unknown_calibration_keys():
     from qvit.recipes import Recipe
     with pytest.raises(ValueError, match="unknown calibration keys"):
-        Recipe.from_dict({"name": "x", "kind": "qat", "calibration": {"sequentail": True}})
+        Recipe.from_dict({"name": "x", "pipeline": "qat", "calibration": {"sequentail": True}})
     with pytest.raises(ValueError, match="unknown calibration keys"):
-        Recipe.from_dict({"name": "x", "kind": "ptq", "calibration": {"sequential": True}})
+        Recipe.from_dict({"name": "x", "pipeline": "ptq", "calibration": {"sequential": True}})
+
+
+def test_a_recipe_names_its_pipeline_not_a_kind():
+    from qvit.recipes import Recipe
+    assert Recipe.from_dict({"name": "x", "pipeline": "qat"}).pipeline == "qat"
+    with pytest.raises(ValueError, match="unknown keys \\['kind'\\].*'pipeline'"):
+        Recipe.from_dict({"name": "x", "kind": "qat"})
+    with pytest.raises(ValueError, match="pipeline must be one of"):
+        Recipe.from_dict({"name": "x", "pipeline": "train"})

@@ -14,7 +14,7 @@ def _layer(weight: torch.Tensor, scale: float = 1.0, bits: int = 3) -> nn.Module
     with torch.no_grad():
         model[0].weight.copy_(weight)
     model[0].weight_quantizer.set_params(torch.tensor([scale]), torch.zeros(1))
-    model[0].weight_quantizer.initialized.fill_(True)
+    model[0].weight_quantizer.calibrated.fill_(True)
     return model
 
 

@@ -76,10 +76,10 @@ def test_scale_recomputed_every_forward_and_recorded_in_training():
 
 def test_quantizes_without_calibration_and_with_observing():
     q = StatsQQuantizer(3)
-    assert not bool(q.initialized)
+    assert not bool(q.calibrated)
     q.eval()
     q(W)
-    assert bool(q.initialized) and torch.equal(q.scale, torch.tensor([2.0, 0.5]))
+    assert bool(q.calibrated) and torch.equal(q.scale, torch.tensor([2.0, 0.5]))
     q2 = StatsQQuantizer(3)
     q2.observing = True
     assert q2(W) is W
@@ -96,7 +96,7 @@ def test_state_dict_roundtrip():
     codes = q.quantize(w)
     fresh = StatsQQuantizer(3)
     fresh.load_state_dict(q.state_dict())
-    assert bool(fresh.initialized) and fresh.scale.shape == (6,)
+    assert bool(fresh.calibrated) and fresh.scale.shape == (6,)
     assert torch.equal(fresh.dequantize(codes), q.fake_quant(w))
     assert torch.equal(fresh(w), q(w))
 

@@ -75,10 +75,10 @@ def test_uncalibrated_raises_and_lazy_init():
     q = create_quantizer(QuantSpec(bits=4))
     with pytest.raises(NotCalibratedError, match="never calibrated"):
         q(torch.ones(3))
-    q.lazy_init = True
-    assert bool(q.initialized) is False
+    q.calibrate_lazily = True
+    assert bool(q.calibrated) is False
     q(torch.tensor([-1.0, 1.0]))
-    assert bool(q.initialized)
+    assert bool(q.calibrated)
 
 
 def test_invalid_settings_raise():

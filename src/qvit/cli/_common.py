@@ -53,19 +53,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False, kind: str = "ptq") -> None:
+def _add_quant_args(p: argparse.ArgumentParser, multi: bool = False, pipeline: str = "ptq") -> None:
     g = p.add_argument_group("quantization")
     if multi:
         g.add_argument("--recipes", nargs="+", help="PTQ recipes to run (default: all)")
         g.add_argument("--bits", nargs="+", type=int, default=list(DEMO_BITS),
                        help="bit-widths; each runs as WbAb (default: 8 4 3)")
     else:
-        default = "minmax" if kind == "ptq" else "lsq"
-        g.add_argument("--recipe", default=default, help=f"{kind.upper()} recipe name or YAML path (default: "
+        default = "minmax" if pipeline == "ptq" else "lsq"
+        g.add_argument("--recipe", default=default, help=f"{pipeline.upper()} recipe name or YAML path (default: "
                                                          f"{default}; see `qvit recipes`)")
         g.add_argument("--w-bits", type=int, default=8)
         g.add_argument("--a-bits", type=int, default=8)
-    shorter = ("fewer calibration images and reconstruction/search iterations" if kind == "ptq"
+    shorter = ("fewer calibration images and reconstruction/search iterations" if pipeline == "ptq"
                else "a fraction of an epoch instead of the published hundreds")
     g.add_argument("--budget", choices=("full", "quick"), default="quick" if multi else "full",
                    help=f"the recipes' published budget, or their shorter 'quick' one ({shorter}) "
@@ -136,8 +136,8 @@ def _load_recipe(name: str, budget: str) -> Recipe:
 
 def _require_ptq(recipe: Recipe) -> Recipe:
     """``recipe`` if it is a PTQ one; a ``ValueError`` otherwise."""
-    if recipe.kind != "ptq":
-        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a PTQ one")
+    if recipe.pipeline != "ptq":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.pipeline} recipe, not a PTQ one")
     return recipe
 
 

@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Declare ``qvit qat``."""
     p = subparsers.add_parser("qat", help="quantization-aware training with a recipe (lsq, nagel_dampen, ...)")
     _add_model_args(p)
-    _add_quant_args(p, kind="qat")
+    _add_quant_args(p, pipeline="qat")
     t = p.add_argument_group("training (defaults: the recipe's)")
     t.add_argument("--epochs", type=float, help="the recipe's warm-up, cool-down and late stages scale with it")
     t.add_argument("--lr", type=float)
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = _load_recipe(args.recipe, args.budget)
     if args.calib_images:
         recipe.calibration = {**recipe.calibration, "num_images": args.calib_images}
-    if recipe.kind != "qat":
-        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe; `qvit qat` runs: "
+    if recipe.pipeline != "qat":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.pipeline} recipe; `qvit qat` runs: "
                          f"{', '.join(list_recipes('qat'))}")
     if args.budget == "full" and args.epochs is None and recipe.quick:
         quick = recipe.quick_variant().train

@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     """Print each recipe's name, kind, version and description."""
     for name in list_recipes():
         r = load_recipe(name)
-        print(f"{name:14s} {r.kind}  v{r.version}  {r.description}")
+        print(f"{name:14s} {r.pipeline}  v{r.version}  {r.description}")
     return 0
 
 

@@ -9,7 +9,8 @@ per-module descriptions repeat, and compressed they cost a few kilobytes instead
 module's quantizer kinds and settings, the packed tensors' shapes and code offsets, the float tensors' shapes (to
 reject a file written for another model) and the recipe.
 
-Loading rebuilds the quantized modules from that description, loads the state, and sets each packed weight to the
+Loading turns that description into a :class:`~qvit.QuantConfig` (the stored transforms, one override per site
+pinning its quantizer), builds the quantized modules with ``prepare`` like any other quantized model, loads the state, and sets each packed weight to the
 dequantized codes, ``dequantize(quantize(W)) == fake_quant(W)``. The weight then lies on its grid: a uniform
 quantizer, which maps its grid points to themselves, stays on; any other weight quantizer is switched off
 (``enabled = False``), since it may recompute its parameters from the tensor (StatsQ). The loaded model therefore computes exactly
@@ -22,6 +23,7 @@ import copy
 import json
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -32,9 +34,10 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..config import QuantConfig
+from ..models.prepare import prepare
 from ..models.state import QuantState, quant_state
-from ..nn import QuantModule, quant_class_for
-from ..quantizers import QuantSpec, create_quantizer
+from ..nn import QuantModule
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "qvit-packed"
@@ -76,7 +79,7 @@ def _float_keys(model: nn.Module) -> Dict[str, list]:
 
 
 def _quantizer_config(q) -> Optional[Dict[str, Any]]:
-    return None if q is None else {**q.config(), "lazy_init": bool(q.lazy_init)}
+    return None if q is None else q.config()
 
 
 def encode_metadata(meta: Mapping[str, Any]) -> str:
@@ -105,7 +108,7 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     if not modules:
         raise ValueError("save_quantized: the model has no quantized modules (run qvit.prepare and calibrate first)")
     for name, q in ((f"{n}.{s}", q) for n, m in modules.items() for s, q in m.quantizers()):
-        if q.enabled and not bool(q.initialized):
+        if q.enabled and not bool(q.calibrated):
             raise ValueError(f"save_quantized: quantizer {name} was never calibrated")
     arch, kwargs = _architecture(model)
     keep_float = {f"{n}.{child}" if n else child for n, m in modules.items() for child in m.float_weights_read()}
@@ -120,7 +123,6 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     for name, m in modules.items():
         slots = {slot: _quantizer_config(getattr(m, f"{slot}_quantizer", None)) for slot, _ in m.slots()}
         described[name] = {"class": type(m).__name__, "slots": slots,
-                           "extra_slots": [list(s) for s in getattr(m, "extra_quant_slots", ())],
                            "flags": {f: getattr(m, f) for f in m.quant_flags if hasattr(m, f)}}
         for slot, is_weight in m.slots():
             q = getattr(m, f"{slot}_quantizer", None)
@@ -152,8 +154,10 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
     recipe_meta = dict(recipe) if recipe is not None else (
         {"name": r.name, "version": r.version} if r is not None else None)
     from .. import __version__
+    config = quant_state(model).config if hasattr(model, "qvit_state") else None
+    transforms = list(config.transforms) if config is not None else []
     meta = {"format": FORMAT, "version": VERSION, "qvit": __version__, "architecture": arch, "model_kwargs": kwargs,
-            "recipe": recipe_meta, "modules": described, "packed": packed, "inline": inline,
+            "recipe": recipe_meta, "transforms": transforms, "modules": described, "packed": packed, "inline": inline,
             "float_tensors": _float_keys(model)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,36 +230,63 @@ def _check_fits(path: Path, model: nn.Module, meta: Mapping[str, Any]) -> None:
             raise PackedCheckpointError(f"{path} was written for another model ({arch}): this model has no {key!r}")
 
 
-def _rebuild(model: nn.Module, meta: Mapping[str, Any], path: Path) -> None:
-    """Swap and configure the quantized modules the file describes (``model`` must already fit the file)."""
-    for name, info in meta["modules"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise PackedCheckpointError(f"{path}: the model has no module {name!r}") from None
-        qcls = quant_class_for(module)
-        if qcls is None or qcls.__name__ != info["class"]:
-            raise PackedCheckpointError(f"{path}: module {name!r} is {type(module).__name__}, which does not "
-                                        f"quantize as {info['class']}")
-        base = {s for s, _ in qcls.quant_slots}
-        specs = {s: None if c is None else QuantSpec.from_dict({k: v for k, v in c.items() if k != "lazy_init"})
-                 for s, c in info["slots"].items() if s in base}
-        qcls.convert(module, specs, name=name)
-        for slot, is_weight in info["extra_slots"]:
-            cfg = info["slots"][slot]
-            q = None if cfg is None else create_quantizer({k: v for k, v in cfg.items() if k != "lazy_init"},
-                                                          for_weights=is_weight)
-            if q is not None:
-                q.site = f"{name}.{slot}"
-            setattr(module, f"{slot}_quantizer", q)
-        if info["extra_slots"]:
-            module.extra_quant_slots = tuple(tuple(s) for s in info["extra_slots"])
-        for flag, value in info["flags"].items():
-            setattr(module, flag, value)
+def _config_from_description(meta: Mapping[str, Any]) -> QuantConfig:
+    """The :class:`QuantConfig` that ``prepare`` turns into the quantized modules the file describes: the file's
+    transforms, and one override per site pinning the quantizer it stored (``enabled: false`` for float sites)."""
+    modules = meta["modules"]
+    transforms = meta.get("transforms")
+    if transforms is None:                       # files written before transforms were stored
+        qkr = any(info.get("flags", {}).get("qkr") for info in modules.values())
+        transforms = ["query_key_reparameterization"] if qkr else []
+    overrides: Dict[str, Dict[str, Any]] = {}
+    for name, info in modules.items():
         for slot, cfg in info["slots"].items():
-            q = getattr(module, f"{slot}_quantizer", None)
-            if q is not None and cfg is not None:
-                q.lazy_init = bool(cfg.get("lazy_init", False))
+            site = f"{name}.{slot}" if name else slot
+            overrides[site] = {"enabled": False} if cfg is None else {
+                **{k: v for k, v in cfg.items() if k != "lazy_init"}, "enabled": True}
+    return QuantConfig(transforms=list(transforms), overrides=overrides)
+
+
+def _rebuild(model: nn.Module, meta: Mapping[str, Any], path: Path) -> QuantConfig:
+    """``prepare`` the float ``model`` (which must already fit the file) into the quantized modules the file
+    describes; returns the config used."""
+    try:
+        config = _config_from_description(meta)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise PackedCheckpointError(f"{path}: corrupt module description ({err})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # prepare's notes were shown when the model was quantized
+        try:
+            prepare(model, config)
+        except ValueError as err:
+            raise PackedCheckpointError(f"{path}: the described quantizers cannot be built ({err})") from None
+    built = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
+    described = meta["modules"]
+    if set(built) != set(described):
+        extra, missing = sorted(set(built) - set(described)), sorted(set(described) - set(built))
+        raise PackedCheckpointError(f"{path} does not describe this model's quantized modules (not in the file: "
+                                    f"{extra[:4]}; not in the model: {missing[:4]})")
+    for name, module in built.items():
+        info = described[name]
+        if type(module).__name__ != info["class"]:
+            raise PackedCheckpointError(f"{path}: module {name!r} quantizes as {type(module).__name__} here and as "
+                                        f"{info['class']} in the file")
+        for flag, value in info.get("flags", {}).items():
+            if getattr(module, flag, value) != value:
+                raise PackedCheckpointError(f"{path}: module {name!r} has {flag}={getattr(module, flag)!r} here and "
+                                            f"{value!r} in the file")
+    return config
+
+
+def _removed_site(model: nn.Module, key: str) -> bool:
+    """Whether state key ``key`` (``<module>.<slot>_quantizer.<...>``) belongs to a slot whose quantizer is None."""
+    owner, _, rest = key.partition("_quantizer.")
+    module_name, _, slot = owner.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    return isinstance(module, QuantModule) and getattr(module, f"{slot}_quantizer", 0) is None
 
 
 def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.Module:
@@ -278,7 +309,7 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
             raise ValueError("load_quantized: pass the float model (not a prepared one)")
         model = copy.deepcopy(model)
     _check_fits(path, model, meta)
-    _rebuild(model, meta, path)
+    config = _rebuild(model, meta, path)
     existing = model.state_dict()
     for key in tensors:                          # biases the recipe added (RepQ-ViT on Swin's reduction)
         owner, _, leaf = key.rpartition(".")
@@ -286,8 +317,10 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
             mod = model.get_submodule(owner)
             if isinstance(mod, nn.Linear) and mod.bias is None:
                 mod.bias = nn.Parameter(torch.zeros_like(tensors[key]))
-    state = {k: v for k, v in tensors.items() if not k.endswith(PACKED_SUFFIX)}
     current = model.state_dict()
+    # quantizer state of sites a transform removed (files written when QKR kept unused q and k quantizers)
+    state = {k: v for k, v in tensors.items() if not k.endswith(PACKED_SUFFIX)
+             and (k in current or "_quantizer." not in k or not _removed_site(model, k))}
     for key in meta["packed"]:
         state[key] = current[key]
     try:
@@ -309,5 +342,5 @@ def load_quantized(path: os.PathLike, model: Optional[nn.Module] = None) -> nn.M
             # a uniform grid maps its own points to themselves, so its quantizer stays on (ONNX export then stores
             # integer weights); other families may recompute parameters from the tensor, so they are switched off
             q.enabled = q.affine_form() is not None and torch.equal(q.fake_quant(weight), weight)
-    model.qvit_state = QuantState(None, packed={k: meta[k] for k in ("architecture", "recipe", "qvit")})
+    model.qvit_state = QuantState(config, packed={k: meta[k] for k in ("architecture", "recipe", "qvit")})
     return model.eval()

@@ -103,7 +103,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
         for site, _, q in iter_quantizers(model):
             if not q.enabled:
                 continue
-            if not bool(q.initialized):
+            if not bool(q.calibrated):
                 raise ValueError(f"export: quantizer {site} was never calibrated")
             q.forward = _export_forward(q)
             patched.append(q)

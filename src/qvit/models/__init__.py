@@ -3,3 +3,4 @@ from .prepare import SiteInfo, describe, format_sites, iter_quantizers, iter_wei
 from .roles import role_prefix, stem_and_head
 from .factory import build_model
 from .state import QuantState, quant_state
+from .transforms import TRANSFORMS, apply_transforms, list_transforms, register_transform

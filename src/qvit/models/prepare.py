@@ -14,6 +14,7 @@ from ..nn import QuantModule, WeightSite, quant_class_for
 from ..quantizers import Quantizer
 from .roles import role_prefix, stem_and_head
 from .state import ATTRIBUTE, QuantState
+from .transforms import apply_transforms
 
 ConfigLike = Union[QuantConfig, Mapping[str, Any], str, None]
 
@@ -24,7 +25,8 @@ def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True
     Every module whose class has a registered quantized class (``nn.Linear``, ``nn.Conv2d``, timm's
     ``Attention`` and ``Mlp``, Swin's ``WindowAttention``) has its class swapped in place; parameters are shared,
     so the float ``state_dict`` keys are unchanged and quantizer state is added under
-    ``<module>.<slot>_quantizer.*``. Quantizers start uncalibrated: run :func:`qvit.calibrate` next.
+    ``<module>.<slot>_quantizer.*``. Then ``config.transforms`` are applied in order
+    (:mod:`qvit.models.transforms`). Quantizers start uncalibrated: run :func:`qvit.calibrate` next.
     """
     config = QuantConfig.coerce(config)
     if not inplace:
@@ -48,6 +50,7 @@ def prepare(model: nn.Module, config: ConfigLike = None, *, inplace: bool = True
             sites.append(site)
             specs[slot] = config.spec_for(site, roles[slot], is_weight)
         qcls.convert(module, specs, name=name, roles=roles)
+    sites.extend(apply_transforms(model, config))
     for pattern in config.overrides:
         if not any(fnmatch.fnmatchcase(site, pattern) for site in sites):
             warnings.warn(f"QuantConfig override {pattern!r} matches no site of this model")
@@ -121,7 +124,7 @@ def describe(model: nn.Module, include_float: bool = True) -> List[SiteInfo]:
             gran = q.granularity_label
             if q.granularity != "tensor":
                 gran += f"@{q.axis}"
-            rows.append(SiteInfo(site, role, q.kind, q.bits, gran, bool(q.initialized)))
+            rows.append(SiteInfo(site, role, q.kind, q.bits, gran, bool(q.calibrated)))
     return rows
 
 

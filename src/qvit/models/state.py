@@ -16,8 +16,8 @@ class QuantState:
     """How a quantized model was built and what was done to it.
 
     ``config``: the :class:`QuantConfig` that builds matching quantizers (``prepare(float_model, state.config)``;
-    steps that change a site's granularity record it here; ``None`` for a model loaded from a packed checkpoint,
-    whose modules are rebuilt from the file's own description). ``recipe``: the recipe that quantized the model, if
+    steps that change a site's granularity record it here; for a model loaded from a packed checkpoint, the config
+    the file's description turns into, one override per site). ``recipe``: the recipe that quantized the model, if
     any. ``log``: one record per pipeline step (``{"step", "params", "seconds", ...}``). ``packed``: for a model
     loaded from a packed checkpoint, the file's ``architecture``, ``recipe`` and ``qvit`` version."""
 

@@ -59,7 +59,7 @@ class QuantModule:
 
     def restore_float(self) -> nn.Module:
         """Turn the module back into its float class (quantizers are dropped)."""
-        for slot, _ in self.slots():
+        for slot, _ in tuple(self.quant_slots) + tuple(getattr(self, "extra_quant_slots", ())):
             if hasattr(self, f"{slot}_quantizer"):
                 delattr(self, f"{slot}_quantizer")
         if hasattr(self, "extra_quant_slots"):

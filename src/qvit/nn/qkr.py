@@ -16,47 +16,54 @@ Cost: per head ``N·C² + N²·C`` multiply-adds instead of ``N·C·d + N²·d``
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quantizers import QuantSpec, create_quantizer
+from ..quantizers import create_quantizer
 from .quant_attention import QuantAttention
 from .weight_site import WeightSite
 
-SpecLike = Union[QuantSpec, Mapping[str, Any]]
+if TYPE_CHECKING:
+    from ..config import QuantConfig
 
 
-def enable_qkr(model: nn.Module, weight_spec: SpecLike, product_spec: SpecLike) -> List[str]:
-    """Switch every ``QuantAttention`` of a prepared model to QKR; returns the module names.
+def enable_qkr(model: nn.Module, config: "QuantConfig") -> List[str]:
+    """Switch every ``QuantAttention`` of a prepared model to QKR; returns the new sites' names.
 
-    ``weight_spec``/``product_spec`` build the ``qk_weight`` and ``qkx`` quantizers (``bits: null`` takes the
-    bit-width of the module's qkv weight / input quantizer). ``qkx`` initialises itself on its first input.
+    The new sites ``<attn>.qk_weight`` (role ``attn.qk_weight``, built as a weight site: ``config.weight``, then the
+    role, ``w_bits`` by default) and ``<attn>.qkx`` (role ``attn.qkx``, an activation site) get their specs from
+    ``config`` as every other site does. Both start uncalibrated, like the rest of a freshly prepared model; the
+    ``qk_weight`` quantizer is not a fixed-tensor weight quantizer (its input changes whenever ``W_q`` or ``W_k``
+    does). This is the ``query_key_reparameterization`` transform of :class:`~qvit.QuantConfig`.
     """
-    names = []
+    sites = []
     for name, m in model.named_modules():
-        if not isinstance(m, QuantAttention) or getattr(m, "qkr", False):
+        if not isinstance(m, QuantAttention) or m.qkr:
             continue
         if not isinstance(m.q_norm, nn.Identity) or not isinstance(m.k_norm, nn.Identity):
             raise ValueError(f"{name}: QKR needs attention without q/k normalization")
-        w_bits = m.qkv.weight_quantizer.bits if getattr(m.qkv, "weight_quantizer", None) is not None else 8
-        a_bits = m.qkv.input_quantizer.bits if getattr(m.qkv, "input_quantizer", None) is not None else 8
-        for slot, spec, bits in (("qk_weight", weight_spec, w_bits), ("qkx", product_spec, a_bits)):
-            spec = spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(
-                {**dict(spec), "bits": dict(spec).get("bits") or bits})
-            q = create_quantizer(spec).to(m.qkv.weight.device)
-            q.site = f"{name}.{slot}"
-            q.lazy_init = slot == "qkx"
+        prefix = m.quant_roles.get("q", "attn.q").rpartition(".")[0]
+        slots = []
+        for slot, is_weight in (("qk_weight", True), ("qkx", False)):
+            site = f"{name}.{slot}" if name else slot
+            spec = config.spec_for(site, f"{prefix}.{slot}", is_weight)
+            q = None
+            if spec.enabled:
+                q = create_quantizer(spec).to(m.qkv.weight.device)
+                q.site = site
             setattr(m, f"{slot}_quantizer", q)
-            m.quant_roles[slot] = f"attn.{slot}"
-        m.extra_quant_slots = (("qk_weight", False), ("qkx", False))
+            m.quant_roles[slot] = f"{prefix}.{slot}"
+            slots.append((slot, False))
+            sites.append(site)
+        m.q_quantizer = m.k_quantizer = None          # the logits no longer use q and k
+        m.extra_quant_slots = tuple(slots)
         m.qkr = True
-        names.append(name)
-    if not names:
-        raise ValueError("enable_qkr: the model has no quantized timm Attention module")
-    return names
+    if not sites:
+        raise ValueError("query_key_reparameterization: the model has no quantized timm Attention module")
+    return sites
 
 
 def qk_product(m: QuantAttention) -> torch.Tensor:
@@ -78,8 +85,9 @@ def qkr_weight_sites(m: QuantAttention, name: str) -> List[WeightSite]:
         hd = m.num_heads * m.head_dim
         sites.append(WeightSite(f"{qkv_name}.weight", qkv_name, m.qkv, m.qkv.weight_quantizer,
                                 parameter=m.qkv.weight, rows=slice(2 * hd, 3 * hd)))
-    sites.append(WeightSite(f"{name}.qk_weight" if name else "qk_weight", qkv_name, m.qkv, m.qk_weight_quantizer,
-                            compute=lambda: qk_product(m)))
+    if m.qk_weight_quantizer is not None:
+        sites.append(WeightSite(f"{name}.qk_weight" if name else "qk_weight", qkv_name, m.qkv,
+                                m.qk_weight_quantizer, compute=lambda: qk_product(m)))
     return sites
 
 

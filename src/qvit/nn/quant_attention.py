@@ -34,20 +34,26 @@ class QuantAttention(QuantAttentionCore, Attention):
 
     def _init_quant(self) -> None:
         self.scale_after_matmul = True
+        self.qkr = False
+
+    def slots(self):
+        if self.qkr:    # QKR computes the logits from W_qk: the query and key sites are gone
+            return tuple(s for s in super().slots() if s[0] not in ("q", "k"))
+        return super().slots()
 
     def weight_sites(self, name: str):
-        if getattr(self, "qkr", False):
+        if self.qkr:
             from .qkr import qkr_weight_sites
             return iter(qkr_weight_sites(self, name))
         return super().weight_sites(name)
 
     def float_weights_read(self):
-        return ("qkv",) if getattr(self, "qkr", False) else ()   # QKR multiplies the float q/k rows
+        return ("qkv",) if self.qkr else ()   # QKR multiplies the float q/k rows
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
-        if getattr(self, "qkr", False):
+        if self.qkr:
             from .qkr import qkr_forward
             if getattr(self, "gate", None) is not None or is_causal:
                 raise ValueError("QKR supports plain (ungated, non-causal) attention only")

@@ -33,7 +33,7 @@ class AdaRoundWeight(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         q = getattr(layer, "weight_quantizer", None)
-        if not isinstance(q, UniformQuantizer) or not q.enabled or not bool(q.initialized):
+        if not isinstance(q, UniformQuantizer) or not q.enabled or not bool(q.calibrated):
             raise ValueError(f"AdaRound needs a calibrated, enabled uniform weight quantizer "
                              f"(got {type(q).__name__} at {getattr(q, 'site', '?')})")
         self.layer = (layer,)          # not a submodule: V is the only parameter here

@@ -45,7 +45,7 @@ from ..quantizers.twin_uniform import TwinUniformQuantizer
 from ..quantizers.uniform import UniformQuantizer
 from ..calibration import Batches, iter_batches
 from ..registry import Registry
-from .reconstruct import quant_state
+from .reconstruct import quantizers_enabled
 from .steps import PTQContext, register_step
 
 METRICS = ("hessian", "mse")
@@ -86,7 +86,8 @@ def search_space(quantizer: Quantizer, cols: torch.Tensor, settings: SearchSetti
 @register_search_space(UniformQuantizer)
 def _uniform_space(q: UniformQuantizer, cols: torch.Tensor, s: SearchSettings) -> Tuple[Params, List[Params]]:
     if not q.symmetric:
-        raise ValueError(f"{q._name()}: PTQ4ViT's interval search needs symmetric uniform quantizers")
+        raise ValueError(f"{q.site or type(q).__name__}: PTQ4ViT's interval search needs symmetric uniform "
+                         "quantizers")
     qmax = q.code_range()[1]
     d0 = (cols.abs().amax(0) / (qmax + 0.5)).clamp(min=MIN_SCALE)
     zero = torch.zeros_like(d0)
@@ -97,18 +98,20 @@ def _uniform_space(q: UniformQuantizer, cols: torch.Tensor, s: SearchSettings) -
 
 @register_search_space(TwinUniformQuantizer)
 def _twin_space(q: TwinUniformQuantizer, cols: torch.Tensor, s: SearchSettings) -> Tuple[Params, List[Params]]:
-    if not bool(q.initialized):
-        q._init_from_columns(cols)
-    current = {name: getattr(q, name).detach().clone() for name in ("delta1", "delta2", "offset1", "offset2", "split")}
-    current = {k: v.expand(cols.shape[1]).clone() if v.numel() == 1 else v for k, v in current.items()}
-    return current, [{k: v.to(cols.device) for k, v in p.items()} for p in q._candidate_params(cols)]
+    if bool(q.calibrated):
+        current = {name: getattr(q, name).detach().clone()
+                   for name in ("delta1", "delta2", "offset1", "offset2", "split")}
+        current = {k: v.expand(cols.shape[1]).clone() if v.numel() == 1 else v for k, v in current.items()}
+    else:
+        current = q.fit_columns(cols)
+    return current, [{k: v.to(cols.device) for k, v in p.items()} for p in q.candidate_params(cols)]
 
 
 def apply_params(quantizer: Quantizer, params: Params) -> None:
     """Write per-column ``params`` into the quantizer's buffers and mark it calibrated."""
     for name, value in params.items():
         set_tensor(quantizer, name, value.detach().float().reshape(-1))
-    quantizer.initialized.fill_(True)
+    quantizer.calibrated.fill_(True)
 
 
 # ---------------------------------------------------------------------------------------------------- search ops
@@ -219,7 +222,7 @@ def capture(model: nn.Module, ops: Sequence[SearchOp], data: Batches, *, gradien
     was_training = model.training
     model.eval()
     try:
-        with quant_state(model, weights=False, acts=False):
+        with quantizers_enabled(model, weights=False, acts=False):
             for x in iter_batches(data, batch_size):
                 x = x.to(device)
                 if gradients:

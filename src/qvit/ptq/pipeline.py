@@ -25,8 +25,8 @@ def quantize_ptq(model: nn.Module, recipe: Union[str, Recipe], calib_data: torch
     Returns the quantized model; the recipe and the step log are in its :class:`~qvit.models.QuantState`.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    if recipe.kind != "ptq":
-        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a PTQ one")
+    if recipe.pipeline != "ptq":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.pipeline} recipe, not a PTQ one")
     config = recipe.quant_config(w_bits, a_bits, overrides)
     fp_model = model if not inplace else copy.deepcopy(model)
     qmodel = prepare(model if inplace else copy.deepcopy(model), config)

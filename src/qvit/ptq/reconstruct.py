@@ -18,7 +18,7 @@ trained returns, element-wise with probability ``p``, its float input instead of
 ``rounding="adaround"`` (BRECQ/QDrop style, :mod:`qvit.ptq.adaround`) freezes the weights and learns each one's
 rounding direction instead. Learned activation scales are not implemented.
 
-Which quantizers are active during a stage is switched with :func:`quant_state` (scoped) or the ``quant_state``
+Which quantizers are active during a stage is switched with :func:`quantizers_enabled` (scoped) or the ``set_quantizers``
 recipe step (persistent): I&S stage 1 runs with quantized activations and float weights.
 """
 from __future__ import annotations
@@ -65,11 +65,11 @@ def is_weight_quantizer(quantizer: Quantizer) -> bool:
     return bool(quantizer.for_weights)
 
 
-def set_quant_state(model: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None
+def set_quantizers_enabled(model: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None
                     ) -> Dict[Quantizer, bool]:
     """Enable or disable the weight and/or activation quantizers of a prepared model; ``None`` leaves them as they are.
 
-    Returns every quantizer's previous ``enabled`` flag, for :func:`restore_quant_state`.
+    Returns every quantizer's previous ``enabled`` flag, for :func:`restore_quantizers_enabled`.
     """
     previous = {}
     for _, _, q in iter_quantizers(model):
@@ -80,24 +80,25 @@ def set_quant_state(model: nn.Module, weights: Optional[bool] = None, acts: Opti
     return previous
 
 
-def restore_quant_state(previous: Dict[Quantizer, bool]) -> None:
-    """Put back the ``enabled`` flags returned by :func:`set_quant_state`."""
+def restore_quantizers_enabled(previous: Dict[Quantizer, bool]) -> None:
+    """Put back the ``enabled`` flags returned by :func:`set_quantizers_enabled`."""
     for q, flag in previous.items():
         q.enabled = flag
 
 
 @contextlib.contextmanager
-def quant_state(model: nn.Module, weights: Optional[bool] = None, acts: Optional[bool] = None) -> Iterator[nn.Module]:
-    """Context manager: :func:`set_quant_state` on entry, the previous flags back on exit.
+def quantizers_enabled(model: nn.Module, weights: Optional[bool] = None,
+                       acts: Optional[bool] = None) -> Iterator[nn.Module]:
+    """Context manager: :func:`set_quantizers_enabled` on entry, the previous flags back on exit.
 
-    ``with quant_state(model, weights=False, acts=True): ...`` runs with float weights and quantized activations
+    ``with quantizers_enabled(model, weights=False, acts=True): ...`` runs with float weights and quantized activations
     (I&S-ViT stage 1).
     """
-    previous = set_quant_state(model, weights=weights, acts=acts)
+    previous = set_quantizers_enabled(model, weights=weights, acts=acts)
     try:
         yield model
     finally:
-        restore_quant_state(previous)
+        restore_quantizers_enabled(previous)
 
 
 # ---------------------------------------------------------------------------------------------------- QDrop
@@ -436,7 +437,7 @@ def reconstruct(model: nn.Module, fp_model: nn.Module, data: Batches, *, input_s
         raise ValueError("reconstruction needs the float teacher model (fp_model)")
     if fp_model is model or _shares_parameters(model, fp_model):
         raise ValueError("fp_model shares parameters with model: pass an unmodified float copy as the teacher")
-    pending = [site for site, _, q in iter_quantizers(model) if q.enabled and not bool(q.initialized)]
+    pending = [site for site, _, q in iter_quantizers(model) if q.enabled and not bool(q.calibrated)]
     if pending:
         raise RuntimeError(f"calibrate before reconstructing; uncalibrated quantizers: {pending[:4]}")
     selected = find_units(model, units)
@@ -492,19 +493,19 @@ def reconstruct_step(ctx: PTQContext, input_source: str = "fp", iters: Union[int
                     "units": records})
 
 
-@register_step("quant_state")
-def quant_state_step(ctx: PTQContext, weights: Optional[bool] = None, acts: Optional[bool] = None,
+@register_step("set_quantizers")
+def set_quantizers_step(ctx: PTQContext, weights: Optional[bool] = None, acts: Optional[bool] = None,
                      recalibrate_weights: bool = False) -> None:
     """Recipe step: enable/disable weight and activation quantizers from here on (``None``: unchanged).
 
     With ``recalibrate_weights`` every weight quantizer is reset and calibrated again on the current weights (I&S-ViT
     initialises the weight quantizers on the stage-1 weights before stage 3).
     """
-    set_quant_state(ctx.model, weights=weights, acts=acts)
+    set_quantizers_enabled(ctx.model, weights=weights, acts=acts)
     if recalibrate_weights:
         for _, _, q in iter_quantizers(ctx.model):
             if is_weight_quantizer(q):
                 q.reset()
         calibrate(ctx.model, (), weights_only=True, progress=False)
-    ctx.log.append({"step": "quant_state", "weights": weights, "acts": acts,
+    ctx.log.append({"step": "set_quantizers", "weights": weights, "acts": acts,
                     "recalibrate_weights": recalibrate_weights})

@@ -223,7 +223,7 @@ def reparameterize_post_ln(model: nn.Module, *, target: str = "mean", round_zero
         if q is None:
             result.skipped[pair.linear_name] = reason
             continue
-        if not bool(q.initialized):
+        if not bool(q.calibrated):
             raise RuntimeError(f"{pair.linear_name}.input is not calibrated: calibrate before reparameterizing")
         s_t, z_t = reparameterize_pair(pair.norm, pair.linear, q.scale, q.zero_point, target=target,
                                        round_zero_point=round_zero_point)

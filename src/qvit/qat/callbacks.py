@@ -208,18 +208,3 @@ class BNReestimation(Callback):
 
     def metrics(self, trainer: Any) -> Dict[str, float]:
         return {"bn_batches": float(self.used)}
-
-
-@register_callback("query_key_reparameterization")
-class QKRCallback(Callback):
-    """OFQ's query-key reparameterization (:func:`qvit.nn.qkr.enable_qkr`) of every timm ``Attention``, set up before
-    training: ``weight`` builds the ``W_qk`` quantizer (StatsQ per row), ``product`` the ``W_qk·xᵀ`` one."""
-
-    def __init__(self, weight: Optional[Dict[str, Any]] = None, product: Optional[Dict[str, Any]] = None) -> None:
-        self.weight = dict(weight or {"kind": "statsq", "granularity": "channel", "axis": 0})
-        self.product = dict(product or {"kind": "lsq", "symmetric": True, "granularity": "channel", "axis": 1,
-                                        "init": "lsq"})
-
-    def setup(self, trainer: Any) -> None:
-        from ..nn.qkr import enable_qkr
-        enable_qkr(trainer.unwrapped_model, self.weight, self.product)

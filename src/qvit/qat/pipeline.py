@@ -37,8 +37,8 @@ def quantize_qat(model: nn.Module, recipe: Union[str, Recipe], train_set: Datase
     (the training settings used).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    if recipe.kind != "qat":
-        raise ValueError(f"recipe {recipe.name!r} is a {recipe.kind} recipe, not a QAT one")
+    if recipe.pipeline != "qat":
+        raise ValueError(f"recipe {recipe.name!r} is a {recipe.pipeline} recipe, not a QAT one")
     qconfig = recipe.quant_config(w_bits, a_bits, overrides)
     train, recipe_callbacks = patch_training(recipe.train, recipe.callbacks, train_overrides or {})
     config = TrainConfig.from_dict({k: resolve_by_bits(v, qconfig.w_bits) for k, v in train.items()})

@@ -20,7 +20,7 @@ AGGREGATIONS = ("sum", "mean", "kernel_mean")
 def weight_quantizers(model: nn.Module) -> Iterator[Tuple[nn.Module, Quantizer]]:
     """``(layer, quantizer)`` for every enabled, calibrated weight quantizer of a prepared model."""
     for site, _, q in iter_quantizers(model):
-        if q.for_weights and q.enabled and bool(q.initialized):
+        if q.for_weights and q.enabled and bool(q.calibrated):
             yield model.get_submodule(site.rpartition(".")[0]), q
 
 

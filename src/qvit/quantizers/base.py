@@ -26,7 +26,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     A quantizer is *observing* (collects calibration statistics and returns its input), *quantizing*
     (returns the fake-quantized input, with the family's gradient) or *disabled* (identity).
     Calibration: set ``observing = True``, run data through the model, call :meth:`finalize`.
-    With ``lazy_init = True`` an uncalibrated quantizer calibrates itself on its first input instead
+    With ``calibrate_lazily = True`` an uncalibrated quantizer calibrates itself on its first input instead
     of raising :class:`NotCalibratedError`.
 
     Parameters are per *column*: one column for ``tensor`` granularity, ``C`` for ``channel`` and
@@ -65,9 +65,9 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         self.for_weights = for_weights    # a weight quantizer calibrates once, from the first tensor it sees
         self.enabled = True
         self.observing = False
-        self.lazy_init = False
+        self.calibrate_lazily = False
         self.site = ""               # set by qvit.prepare: the site's name, for messages
-        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("calibrated", torch.tensor(False))
         self._signed_arg = signed
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self._observed: list = []
@@ -203,7 +203,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
             self._init_from_columns(cols)
         finally:
             self._extremes = None
-        self.initialized.fill_(True)
+        self.calibrated.fill_(True)
         self.check_params()
 
     def calibrate(self, x: torch.Tensor) -> "Quantizer":
@@ -215,7 +215,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     def reset(self) -> None:
         """Forget calibration: the quantizer must be calibrated again before it quantizes."""
         self._observed, self._keys, self._extremes = [], [], None
-        self.initialized.fill_(False)
+        self.calibrated.fill_(False)
         self.signed_flag.fill_(-1 if self._signed_arg is None else int(self._signed_arg))
 
     def check_params(self) -> None:
@@ -243,16 +243,16 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         if not self.enabled:
             return x
         if self.observing:
-            if not (self.for_weights and bool(self.initialized)):
+            if not (self.for_weights and bool(self.calibrated)):
                 self.observe(x)
                 if self.for_weights:
                     self.finalize()
             return x
-        if not bool(self.initialized):
-            if not self.lazy_init:
+        if not bool(self.calibrated):
+            if not self.calibrate_lazily:
                 raise NotCalibratedError(
                     f"{self._name()} was never calibrated: run qvit.calibrate(model, data) (or a PTQ recipe) "
-                    "before evaluating, or set lazy_init to calibrate on the first batch")
+                    "before evaluating, or set calibrate_lazily to calibrate on the first batch")
             self.calibrate(x)
         return self.fake_quant(x)
 
@@ -269,7 +269,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         disabled, or calibrated, not observing, and without hooks other than pure forward hooks."""
         if not self.enabled:
             return True
-        if self.observing or not bool(self.initialized):
+        if self.observing or not bool(self.calibrated):
             return False    # observing collects statistics; an uncalibrated quantizer would calibrate itself
         if self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
             return False
@@ -329,6 +329,8 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        if prefix + "initialized" in state_dict and prefix + "calibrated" not in state_dict:
+            state_dict[prefix + "calibrated"] = state_dict.pop(prefix + "initialized")   # files written before the rename
         # Per-column parameters are sized at calibration; resize before loading so shapes match.
         for name, t in list(self._parameters.items()) + list(self._buffers.items()):
             key = prefix + name
@@ -340,7 +342,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
                     self._buffers[name] = new
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if bool(self.initialized):
+        if bool(self.calibrated):
             try:
                 self.check_params()
             except ValueError as err:
@@ -357,7 +359,7 @@ class Quantizer(nn.Module, metaclass=ABCMeta):
         return f"{type(self).__name__}({self.site})" if self.site else type(self).__name__
 
     def extra_repr(self) -> str:
-        state = "calibrated" if bool(self.initialized) else "uncalibrated"
+        state = "calibrated" if bool(self.calibrated) else "uncalibrated"
         return f"bits={self.bits}, {self.granularity_label}, init={self.init}, {state}"
 
 

@@ -29,7 +29,7 @@ class StatsQQuantizer(Quantizer):
     included (no clip mask), and no gradient reaches ``s``.
 
     Calibration is not needed: ``s`` is a statistic of the tensor being quantized. An uncalibrated
-    quantizer records ``s`` from its first input and marks itself initialised (so ``lazy_init`` is
+    quantizer records ``s`` from its first input and marks itself calibrated (so ``calibrate_lazily`` is
     unnecessary); observing/finalize also works and just records ``s`` from the observed data.
     The ``scale`` buffer (``[columns]``) holds the last ``s`` used: :meth:`fake_quant` refreshes it in
     training mode, :meth:`quantize` always does (both mark the quantizer initialised), and :meth:`dequantize`
@@ -77,13 +77,13 @@ class StatsQQuantizer(Quantizer):
                 self.scale.copy_(s)
             else:
                 set_tensor(self, "scale", s.to(self.scale.device))
-            self.initialized.fill_(True)
+            self.calibrated.fill_(True)
 
     def _init_from_columns(self, cols: torch.Tensor) -> None:
         self._record_scale((2 * cols.abs().mean(0)).clamp(min=MIN_SCALE).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and not self.observing and not bool(self.initialized):
+        if self.enabled and not self.observing and not bool(self.calibrated):
             self._record_scale(self.statistic(x))
         return super().forward(x)
 

@@ -1,7 +1,7 @@
 """Twin uniform quantizer (PTQ4ViT, Yuan et al. 2022) for post-Softmax and post-GELU activations."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -133,7 +133,7 @@ class TwinUniformQuantizer(Quantizer):
         if (m != torch.round(m)).any():
             raise ValueError(f"TwinUniformQuantizer: shift must be integer-valued, got {m.tolist()}")
         self._set(self._shift_params(m))
-        self.initialized.fill_(True)
+        self.calibrated.fill_(True)
         self.check_params()
 
     def set_delta2(self, delta2: Union[float, torch.Tensor]) -> None:
@@ -144,7 +144,7 @@ class TwinUniformQuantizer(Quantizer):
         params = self._shift_params(torch.zeros_like(d2))
         params["delta2"] = d2
         self._set(params)
-        self.initialized.fill_(True)
+        self.calibrated.fill_(True)
         self.check_params()
 
     # grid ------------------------------------------------------------------------------------
@@ -183,7 +183,11 @@ class TwinUniformQuantizer(Quantizer):
                 for name in ("delta1", "delta2", "offset1", "offset2", "split")}
 
     # calibration -----------------------------------------------------------------------------
-    def _candidate_params(self, cols: torch.Tensor):
+    def candidate_params(self, cols: torch.Tensor) -> Iterator[Dict[str, torch.Tensor]]:
+        """The grids calibration chooses from for columns ``cols`` ``[samples, columns]``: each a dict of the
+        quantizer's buffers (``delta1``, ``delta2``, ``offset1``, ``offset2``, ``split``), per column ``[columns]``;
+        power-of-two ratios ``Δ2/Δ1 = 2^m`` for ``m = 0..max_shift``, or (post-GELU, linear ratio) ``Δ2`` on a
+        linear grid of ``num_candidates + 1`` multiples of the max-based step."""
         if self.mode == "gelu" and not self.pow2_ratio:
             n = self.levels_per_range
             d0 = cols.clamp(min=0).amax(0).clamp(min=MIN_SCALE) / (n - 0.5)
@@ -195,9 +199,11 @@ class TwinUniformQuantizer(Quantizer):
             for m in range(self.max_shift + 1):
                 yield self._shift_params(torch.full((cols.shape[1],), float(m), device=cols.device))
 
-    def _init_from_columns(self, cols: torch.Tensor) -> None:
+    def fit_columns(self, cols: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Of :meth:`candidate_params`, per column the one with the least squared error on ``cols``; the quantizer
+        is not changed."""
         best_err, best = None, None
-        for params in self._candidate_params(cols):
+        for params in self.candidate_params(cols):
             params = {k: v.to(cols.device) for k, v in params.items()}
             err = (self._decode(*self._encode(cols, params), params) - cols).pow(2).mean(0)
             if best is None:
@@ -206,7 +212,10 @@ class TwinUniformQuantizer(Quantizer):
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = {k: torch.where(better, params[k], best[k]) for k in best}
-        self._set(best)
+        return best
+
+    def _init_from_columns(self, cols: torch.Tensor) -> None:
+        self._set(self.fit_columns(cols))
 
     # forward / codes -------------------------------------------------------------------------
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:

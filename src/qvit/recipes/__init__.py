@@ -10,8 +10,8 @@ import yaml
 from ..config import QuantConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent
-KINDS = ("ptq", "qat")
-#: the keys of a recipe's ``calibration`` section, by kind (PTQ recipes set ``sequential`` on their ``calibrate`` step)
+PIPELINES = ("ptq", "qat")
+#: the keys of a recipe's ``calibration`` section, by pipeline (PTQ recipes set ``sequential`` on their ``calibrate`` step)
 CALIBRATION_KEYS = {"ptq": ("num_images", "seed"), "qat": ("num_images", "seed", "sequential")}
 #: QAT settings counted in epochs (in ``train`` and in callbacks): they scale with the budget when ``epochs`` changes
 EPOCH_KEYS = ("warmup_epochs", "cooldown_epochs", "last_epochs")
@@ -24,7 +24,7 @@ class Recipe:
     Attributes:
         name: the recipe's name (``minmax``, ``repq`` ...).
         version: bumped whenever a default changes, so results name the recipe they came from.
-        kind: ``ptq`` or ``qat``.
+        pipeline: ``ptq`` or ``qat``: which pipeline runs the recipe (``kind`` names quantizer families only).
         description: one line for ``qvit recipes``.
         config: a ``QuantConfig`` patch (``w_bits``/``a_bits`` usually come from the user).
         calibration: ``num_images`` and ``seed`` of the calibration set; a QAT recipe also says whether its
@@ -39,7 +39,7 @@ class Recipe:
 
     name: str
     version: int = 1
-    kind: str = "ptq"
+    pipeline: str = "ptq"
     description: str = ""
     config: Dict[str, Any] = field(default_factory=dict)
     calibration: Dict[str, Any] = field(default_factory=dict)
@@ -50,20 +50,21 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
-        unknown = set(data) - {"name", "version", "kind", "description", "config", "calibration", "steps", "quick",
+        unknown = set(data) - {"name", "version", "pipeline", "description", "config", "calibration", "steps", "quick",
                               "train", "callbacks"}
         if unknown:
-            raise ValueError(f"recipe {data.get('name', '?')!r}: unknown keys {sorted(unknown)}")
+            hint = " (a recipe's ptq/qat is its 'pipeline')" if "kind" in unknown else ""
+            raise ValueError(f"recipe {data.get('name', '?')!r}: unknown keys {sorted(unknown)}{hint}")
         if "name" not in data:
             raise ValueError("a recipe needs a name")
-        kind = data.get("kind", "ptq")
-        if kind not in KINDS:
-            raise ValueError(f"recipe {data['name']!r}: kind must be one of {KINDS}, got {kind!r}")
-        calib_keys = set(data.get("calibration") or {}) - set(CALIBRATION_KEYS[kind])
+        pipeline = data.get("pipeline", "ptq")
+        if pipeline not in PIPELINES:
+            raise ValueError(f"recipe {data['name']!r}: pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        calib_keys = set(data.get("calibration") or {}) - set(CALIBRATION_KEYS[pipeline])
         if calib_keys:
             raise ValueError(f"recipe {data['name']!r}: unknown calibration keys {sorted(calib_keys)}; "
-                             f"known: {list(CALIBRATION_KEYS[kind])}")
-        return cls(name=data["name"], version=int(data.get("version", 1)), kind=kind,
+                             f"known: {list(CALIBRATION_KEYS[pipeline])}")
+        return cls(name=data["name"], version=int(data.get("version", 1)), pipeline=pipeline,
                    description=data.get("description", ""), config=dict(data.get("config") or {}),
                    calibration=dict(data.get("calibration") or {}), steps=_entries(data, "steps"),
                    quick=dict(data.get("quick") or {}), train=dict(data.get("train") or {}),
@@ -81,7 +82,7 @@ class Recipe:
         return config.merged(patch) if patch else config
 
     def to_dict(self) -> Dict[str, Any]:
-        out = dict(name=self.name, version=self.version, kind=self.kind, description=self.description,
+        out = dict(name=self.name, version=self.version, pipeline=self.pipeline, description=self.description,
                    config=self.config, calibration=self.calibration,
                    steps=[{name: params} for name, params in self.steps])
         if self.quick:
@@ -109,7 +110,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: quick patches steps it does not run: {sorted(missing)}")
         steps = [(name, {**params, **(patches.get(name) or {})}) for name, params in self.steps]
         train, callbacks = patch_training(self.train, self.callbacks, self.quick.get("train") or {})
-        return Recipe(name=f"{self.name}-quick", version=self.version, kind=self.kind, description=self.description,
+        return Recipe(name=f"{self.name}-quick", version=self.version, pipeline=self.pipeline, description=self.description,
                       config=self.config, calibration={**self.calibration, **(self.quick.get("calibration") or {})},
                       steps=steps, train=train, callbacks=callbacks)
 
@@ -173,11 +174,11 @@ def _entries(data: Mapping[str, Any], key: str) -> List[Tuple[str, Dict[str, Any
     return out
 
 
-def list_recipes(kind: Union[str, None] = None) -> List[str]:
-    """Names of the recipes shipped with qvit (optionally of one ``kind``)."""
+def list_recipes(pipeline: Union[str, None] = None) -> List[str]:
+    """Names of the recipes shipped with qvit (optionally of one ``pipeline``: ``ptq`` or ``qat``)."""
     names = []
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
-        if kind is None or load_recipe(path).kind == kind:
+        if pipeline is None or load_recipe(path).pipeline == pipeline:
             names.append(path.stem)
     return names
 

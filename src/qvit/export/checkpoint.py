@@ -150,12 +150,12 @@ def save_quantized(model: nn.Module, path: os.PathLike, *, recipe: Optional[Mapp
                          "values": None if v.numel() > INLINE_NUMEL else v.reshape(-1).tolist()}
         else:
             tensors[k] = v
-    r = quant_state(model).recipe if hasattr(model, "qvit_state") else None
+    qstate = quant_state(model) if hasattr(model, "qvit_state") else QuantState(None)
+    r = qstate.recipe
     recipe_meta = dict(recipe) if recipe is not None else (
         {"name": r.name, "version": r.version} if r is not None else None)
     from .. import __version__
-    config = quant_state(model).config if hasattr(model, "qvit_state") else None
-    transforms = list(config.transforms) if config is not None else []
+    transforms = list(qstate.config.transforms) if qstate.config is not None else []
     meta = {"format": FORMAT, "version": VERSION, "qvit": __version__, "architecture": arch, "model_kwargs": kwargs,
             "recipe": recipe_meta, "transforms": transforms, "modules": described, "packed": packed, "inline": inline,
             "float_tensors": _float_keys(model)}
